@@ -1,0 +1,28 @@
+"""One error type for problems the user can fix, and the CLI wrapper that prints them as one line.
+
+Library code raises `UserError("path/to/file: what is wrong")`; every CLI entry point runs through
+`run_cli`, so a user sees `error: path/to/file: what is wrong` and exit status 2, never a traceback.
+Bugs (any other exception) still show their traceback: those are ours to fix, not the user's.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+  """A problem with the user's input or environment, reported as one line naming the file or field."""
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+  """Run a CLI `main(argv)`; a UserError becomes `error: ...` on stderr and exit status 2."""
+  try:
+    code = main(argv)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print("error: interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)
+  sys.exit(code or 0)
