@@ -12,17 +12,17 @@ from typing import Callable
 
 
 class UserError(Exception):
-  """A problem with the user's input or environment, reported as one line naming the file or field."""
+    """A problem with the user's input or environment, reported as one line naming the file or field."""
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-  """Run a CLI `main(argv)`; a UserError becomes `error: ...` on stderr and exit status 2."""
-  try:
-    code = main(argv)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
-  except KeyboardInterrupt:
-    print("error: interrupted", file=sys.stderr, flush=True)
-    sys.exit(130)
-  sys.exit(code or 0)
+    """Run a CLI `main(argv)`; a UserError becomes `error: ...` on stderr and exit status 2."""
+    try:
+        code = main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+    sys.exit(code or 0)
