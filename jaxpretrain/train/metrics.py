@@ -1,0 +1,111 @@
+"""What a run reports: the seed's step line, memory, MFU, and the metric sinks (JSONL, TensorBoard, W&B)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+
+import jax
+
+# Dense bf16 peak of one device, by `device_kind` prefix, for MFU (None: unknown, MFU not shown).
+PEAK_FLOPS = {
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA GH200": 989e12,
+    "NVIDIA B200": 2250e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA A10G": 70e12,
+}
+
+
+def peak_flops_per_device(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    for prefix, flops in PEAK_FLOPS.items():
+        if kind.startswith(prefix):
+            return flops
+    return None
+
+
+def flops_per_token(*, n_params_no_pos: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> float:
+    """Training FLOPs per token, nanoGPT's estimate: 6N for the matmuls plus 12 L H Q T for attention."""
+    return 6.0 * n_params_no_pos + 12.0 * n_layer * n_head * head_dim * seq_len
+
+
+def peak_memory_gib() -> float:
+    """Peak device memory of this process's first device, or on CPU the process's peak resident memory."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+
+
+def device_label() -> str:
+    """The per-device unit of the step line: 'gpu' as in the seed's log, or 'cpu'/'tpu'."""
+    return jax.devices()[0].platform
+
+
+def format_step_line(step, epoch, loss, grad_norm, lr, mem_gib, tps, n_devices, num_label_tokens, mfu=None) -> str:
+    line = (
+        f"step {step} | epoch {epoch} | loss {loss:.4f} | grad_norm {grad_norm:.4f} | lr {lr:.2e} | "
+        f"mem {mem_gib:.2f} GiB | tps {tps:.2f}({tps / n_devices:.2f}/{device_label()}) | "
+        f"num_label_tokens {num_label_tokens}"
+    )
+    if mfu is not None:
+        line += f" | mfu {100 * mfu:.1f}%"
+    return line
+
+
+def format_val_line(step, epoch, loss, lr, num_label_tokens) -> str:
+    return f"[val] step {step} | epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | num_label_tokens {num_label_tokens}"
+
+
+class MetricSinks:
+    """Every metric of every step to `<run_dir>/{train,validation}.jsonl`, TensorBoard, and W&B if set.
+
+    Only process 0 writes; the others get a no-op instance so the loop needs no branches.
+    """
+
+    def __init__(self, run_dir: str | None, *, enabled: bool, wandb_cfg=None, config_dict=None):
+        self.enabled = enabled and run_dir is not None
+        self._tb = self._wandb = None
+        self._files = {}
+        if not self.enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._files = {name: open(os.path.join(run_dir, f"{name}.jsonl"), "a") for name in ("train", "validation")}
+        from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
+
+        self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        if wandb_cfg is not None and wandb_cfg.project:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("wandb.project is set but the `wandb` package is not installed (pip install wandb)")
+            self._wandb = wandb.init(
+                project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
+                dir=wandb_cfg.save_dir, config=config_dict, resume="allow",
+            )
+
+    def log(self, kind: str, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **metrics}
+        self._files[kind].write(json.dumps(record) + "\n")
+        self._files[kind].flush()
+        prefix = "train" if kind == "train" else "val"
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self._tb.add_scalar(f"{prefix}/{name}", value, step)
+        if self._wandb is not None:
+            self._wandb.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,86 @@
+"""The learning-rate schedule of Megatron's / NeMo Automodel's `OptimizerParamScheduler`.
+
+The scheduler is created at step 0 (lr = init_lr) and stepped after every optimizer step, so optimizer
+update k (1-based) runs at `lr(k - 1)` and the step line of step k shows `lr(k)`, as the seed's log
+does (step 1: 6.08e-05 = 6e-5 + (6e-4 - 6e-5) / 700). optax calls a schedule with the number of
+updates done so far, which is exactly `k - 1` for update k: `learning_rate_schedule` plugs in directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
+
+
+@dataclasses.dataclass(frozen=True)
+class LRSchedule:
+    init_lr: float
+    max_lr: float
+    min_lr: float
+    warmup_steps: int
+    decay_steps: int
+    decay_style: str = "cosine"
+
+    def __post_init__(self):
+        if self.decay_style not in DECAY_STYLES:
+            raise ValueError(f"lr_scheduler.lr_decay_style: {self.decay_style!r} is not one of {DECAY_STYLES}")
+        if not 0.0 <= self.min_lr <= self.max_lr:
+            raise ValueError("lr_scheduler.min_lr: must be between 0 and optimizer.lr")
+        if self.init_lr > self.max_lr:
+            raise ValueError("lr_scheduler.init_lr: must not exceed optimizer.lr")
+        if not 0 <= self.warmup_steps < self.decay_steps:
+            raise ValueError("lr_scheduler.lr_warmup_steps: must be >= 0 and below the decay steps")
+
+    def __call__(self, step):
+        """Learning rate after `step` scheduler steps; works on Python ints and traced jax scalars."""
+        step = jnp.asarray(step, jnp.float32)
+        warm = max(self.warmup_steps, 1)
+        warmup_lr = self.init_lr + (self.max_lr - self.init_lr) * step / warm
+        ratio = jnp.clip((step - self.warmup_steps) / (self.decay_steps - self.warmup_steps), 0.0, 1.0)
+        delta = self.max_lr - self.min_lr
+        if self.decay_style == "cosine":
+            decayed = self.min_lr + 0.5 * (jnp.cos(math.pi * ratio) + 1.0) * delta
+        elif self.decay_style == "linear":
+            decayed = self.min_lr + (1.0 - ratio) * delta
+        elif self.decay_style == "inverse-square-root":
+            decayed = jnp.maximum(self.min_lr, self.max_lr * math.sqrt(warm) / jnp.sqrt(jnp.maximum(step, 1.0)))
+        else:
+            decayed = jnp.asarray(self.max_lr, jnp.float32)
+        if self.decay_style != "constant" and self.decay_style != "inverse-square-root":
+            decayed = jnp.where(step > self.decay_steps, self.min_lr, decayed)
+        in_warmup = (self.warmup_steps > 0) & (step <= self.warmup_steps)
+        return jnp.where(in_warmup, warmup_lr, decayed)
+
+    def value(self, step: int) -> float:
+        """The same schedule in float64 Python arithmetic, for logging exactly what Megatron prints."""
+        s = float(step)
+        if self.warmup_steps > 0 and s <= self.warmup_steps:
+            return self.init_lr + (self.max_lr - self.init_lr) * s / self.warmup_steps
+        if self.decay_style == "constant":
+            return self.max_lr
+        if self.decay_style == "inverse-square-root":
+            return max(self.min_lr, self.max_lr * max(self.warmup_steps, 1) ** 0.5 / max(s, 1.0) ** 0.5)
+        if s > self.decay_steps:
+            return self.min_lr
+        ratio = (s - self.warmup_steps) / (self.decay_steps - self.warmup_steps)
+        coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0) if self.decay_style == "cosine" else 1.0 - ratio
+        return self.min_lr + coeff * (self.max_lr - self.min_lr)
+
+
+def from_config(cfg) -> LRSchedule:
+    """Build the schedule from the `optimizer`, `lr_scheduler` and `step_scheduler` config sections."""
+    lr = float(cfg.optimizer.lr)
+    init_lr = cfg.lr_scheduler.init_lr
+    decay_steps = cfg.lr_scheduler.lr_decay_steps
+    return LRSchedule(
+        init_lr=0.1 * lr if init_lr is None else float(init_lr),
+        max_lr=lr,
+        min_lr=float(cfg.lr_scheduler.min_lr),
+        warmup_steps=int(cfg.lr_scheduler.lr_warmup_steps),
+        decay_steps=int(cfg.step_scheduler.max_steps if decay_steps is None else decay_steps),
+        decay_style=cfg.lr_scheduler.lr_decay_style,
+    )

@@ -1,0 +1,115 @@
+"""The jitted train and eval steps: micro-batch gradient accumulation, masked CE, clipping, AdamW.
+
+The whole optimizer step is one XLA program: the global batch arrives sharded over the data axes,
+is split into `grad_accum` micro-batches that stay on the devices that hold them, gradients are summed
+in float32 by a `lax.scan`, and the update is applied to the FSDP-sharded parameters and moments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+IGNORE_INDEX = -100  # labels equal to this contribute no loss and do not count as label tokens
+
+
+def masked_ce_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed float32 token cross-entropy and the number of label tokens (labels != -100)."""
+    mask = labels != IGNORE_INDEX
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(mask, labels, 0))
+    return jnp.sum(jnp.where(mask, ce, 0.0)), jnp.sum(mask)
+
+
+def num_label_tokens(labels: jax.Array) -> jax.Array:
+    return jnp.sum(labels != IGNORE_INDEX)
+
+
+def split_microbatches(x: jax.Array, grad_accum: int, mesh, data_axes) -> jax.Array:
+    """[G, ...] -> [grad_accum, G // grad_accum, ...] without moving data between devices.
+
+    Micro-batch m takes rows m, m + A, m + 2A, ... : every device holds G / (D * A) rows of each
+    micro-batch, so no device idles and nothing is resharded. Which rows form a micro-batch does not
+    change the result: the loss is a sum over the whole global batch divided by its label tokens.
+    """
+    g = x.shape[0]
+    x = x.reshape(g // grad_accum, grad_accum, *x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1)
+    spec = P(None, data_axes, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def make_train_step(
+    graphdef,
+    rest,
+    optimizer: optax.GradientTransformation,
+    *,
+    mesh,
+    data_axes,
+    grad_accum: int,
+    max_grad_norm: float,
+    dropout_seed: int,
+    deterministic: bool,
+    state_shardings: Any,
+    batch_sharding: NamedSharding,
+):
+    """Returns `train_step(state, batch, step) -> (state, metrics)`, jitted with donated state.
+
+    `state` is {"params": nnx.State, "opt_state": optax state}; `step` is the 0-based optimizer step,
+    which keys dropout (fold_in(seed, step, micro)) so a resumed run draws the same masks.
+    """
+
+    def loss_fn(params, micro, key, denom):
+        model = nnx.merge(graphdef, params, rest)
+        logits = model(micro["input_ids"], deterministic=deterministic, rngs=nnx.Rngs(dropout=key))
+        ce_sum, _ = masked_ce_sum(logits, micro["labels"])
+        return ce_sum / denom
+
+    def train_step(state, batch, step):
+        params = state["params"]
+        denom = jnp.maximum(num_label_tokens(batch["labels"]), 1).astype(jnp.float32)
+        micro = {k: split_microbatches(v, grad_accum, mesh, data_axes) for k, v in batch.items()}
+        step_key = jax.random.fold_in(jax.random.key(dropout_seed), step)
+
+        def accumulate(carry, xs):
+            grads_sum, loss_sum = carry
+            mb, i = xs
+            loss, grads = jax.value_and_grad(loss_fn)(params, mb, jax.random.fold_in(step_key, i), denom)
+            grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
+            return (grads_sum, loss_sum + loss), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = jax.lax.with_sharding_constraint(zeros, state_shardings["params"])
+        (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), (micro, jnp.arange(grad_accum)))
+
+        grad_norm = optax.global_norm(grads)
+        if max_grad_norm and max_grad_norm > 0:
+            # torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
+            scale = jnp.minimum(1.0, max_grad_norm / (grad_norm + 1e-6))
+            grads = jax.tree.map(lambda g: g * scale, grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "num_label_tokens": denom.astype(jnp.int32)}
+        return {"params": params, "opt_state": opt_state}, metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_sharding, None),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(graphdef, rest, *, param_shardings, batch_sharding):
+    """Returns `eval_step(params, batch) -> (summed CE, label tokens)`, dropout off."""
+
+    def eval_step(params, batch):
+        model = nnx.merge(graphdef, params, rest)
+        logits = model(batch["input_ids"], deterministic=True)
+        return masked_ce_sum(logits, batch["labels"])
+
+    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding))
