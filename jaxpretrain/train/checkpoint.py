@@ -1,0 +1,82 @@
+"""Training checkpoints with an Orbax CheckpointManager.
+
+One checkpoint per step holds four items, each restorable alone:
+  params      the model parameters (FSDP-sharded arrays; each process writes its own shards)
+  opt_state   AdamW moments and the update count (which also drives the LR schedule)
+  data        the Grain iterator position of every process
+  meta        JSON: step, epoch, the config, and the model's HF config (what `export` needs)
+Saves are asynchronous, written to a temporary directory and renamed when complete, so the newest
+*complete* checkpoint is always the one resumed: a run killed mid-save resumes from the one before.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from jaxpretrain.errors import UserError
+
+
+class TrainCheckpointer:
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True, read_only: bool = False):
+        self.directory = os.path.abspath(directory)
+        if read_only and not os.path.isdir(self.directory):
+            raise UserError(f"{directory}: no such checkpoint directory")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=not read_only,
+            enable_async_checkpointing=async_save,
+            read_only=read_only,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, *, params, opt_state, data_iterator, meta: dict) -> None:
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            meta=ocp.args.JsonSave(meta),
+        )
+        self._manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, *, params, opt_state, data_iterator) -> dict:
+        """Restores into the shardings of `params`/`opt_state` (arrays or ShapeDtypeStructs) and
+        moves `data_iterator` to the saved position; returns the restored items."""
+        args = ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(params)),
+            opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
+            data=grain.checkpoint.CheckpointRestore(data_iterator),
+            meta=ocp.args.JsonRestore(),
+        )
+        return self._manager.restore(step, args=args)
+
+    def restore_meta(self, step: int) -> dict:
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore_params(self, step: int, abstract_params) -> object:
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(abstract_params)))
+        return self._manager.restore(step, args=args)["params"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def _abstract(tree):
+    """ShapeDtypeStructs with shardings, so Orbax restores each array straight into its shards."""
+    def leaf(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return jax.tree.map(leaf, tree)

@@ -1,0 +1,354 @@
+"""The pretraining recipe: mesh, data, model, optimizer, checkpoints, then the train/validation loop.
+
+This is the one place that wires the data path, the model, the mesh and the optimizer together
+(DESIGN.md, "Layers"). Sections follow big_vision's train.py: each titled, each short.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import getpass
+import importlib.metadata
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jaxpretrain.model as M
+from jaxpretrain import parallel
+from jaxpretrain.data import build_gpt_datasets
+from jaxpretrain.data.loader import make_loader
+from jaxpretrain.errors import UserError
+from jaxpretrain.train import metrics as metrics_lib
+from jaxpretrain.train import schedule as schedule_lib
+from jaxpretrain.train.checkpoint import TrainCheckpointer
+from jaxpretrain.train.optim import build_optimizer
+from jaxpretrain.train.step import make_eval_step, make_train_step
+
+log = logging.getLogger("jaxpretrain")
+
+LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "transformers", "ml-collections")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's samples divide over data-parallel ranks and micro-batches."""
+
+    global_batch_size: int
+    local_batch_size: int
+    dp_size: int
+    grad_accum: int
+    max_steps: int
+    train_samples: int
+    val_samples: int
+    val_batch_size: int
+
+
+def plan_batches(cfg, dp_size: int) -> BatchPlan:
+    ss = cfg.step_scheduler
+    g, l = int(ss.global_batch_size), int(ss.local_batch_size)
+    if g <= 0 or l <= 0 or g % (l * dp_size):
+        raise UserError(
+            f"step_scheduler.global_batch_size: {g} is not a multiple of local_batch_size ({l}) x "
+            f"data-parallel size ({dp_size})"
+        )
+    if ss.max_steps <= 0:
+        raise UserError("step_scheduler.max_steps: must be positive")
+    train_samples = cfg.dataset.num_train_samples or ss.max_steps * g
+    val_samples = cfg.validation_dataset.num_val_samples or (ss.max_steps // ss.val_every_steps) * g
+    val_batch = cfg.validation_dataset.global_batch_size or l * dp_size
+    if val_batch % dp_size:
+        raise UserError(f"validation_dataset.global_batch_size: {val_batch} is not a multiple of dp size {dp_size}")
+    return BatchPlan(g, l, dp_size, g // (l * dp_size), int(ss.max_steps), int(train_samples), int(val_samples), int(val_batch))
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def model_config(cfg):
+    m = cfg.model
+    overrides = {k: m[k] for k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size") if m[k] is not None}
+    if m.dropout is not None:
+        overrides.update(embd_pdrop=m.dropout, attn_pdrop=m.dropout, resid_pdrop=m.dropout)
+    hf_config = M.config_from(m.pretrained_model_name_or_path, **overrides)
+    if hf_config.n_positions < cfg.dataset.seq_length:
+        raise UserError(
+            f"dataset.seq_length: {cfg.dataset.seq_length} exceeds the model's n_positions ({hf_config.n_positions})"
+        )
+    return hf_config
+
+
+def build_model(cfg, hf_config, mesh):
+    kw = dict(
+        dtype=jnp.dtype(cfg.model.dtype),
+        attention_impl=cfg.model.attention_impl,
+        vocab_multiple=int(cfg.model.vocab_multiple),
+        remat=bool(cfg.model.remat),
+    )
+    if cfg.model.load_weights:
+        return M.from_pretrained(cfg.model.pretrained_model_name_or_path, mesh=mesh, config=hf_config, **kw)
+    return M.create_model(hf_config, mesh=mesh, seed=int(cfg.rng.seed), **kw)
+
+
+def dropout_active(hf_config) -> bool:
+    return any(getattr(hf_config, k, 0.0) > 0 for k in ("embd_pdrop", "attn_pdrop", "resid_pdrop"))
+
+
+def param_counts(params, hf_config) -> tuple[int, int]:
+    """(parameters as Hugging Face counts them, the same without position embeddings, for MFU)."""
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    wte_rows = next(x.shape[0] for x in jax.tree.leaves(params) if x.ndim == 2 and x.shape[1] == hf_config.n_embd and x.shape[0] >= hf_config.vocab_size)
+    total -= (wte_rows - hf_config.vocab_size) * hf_config.n_embd  # padded vocabulary rows are not the model's
+    return total, total - hf_config.n_positions * hf_config.n_embd
+
+
+# -------------------------------------------------------------------------------------------- logging
+
+
+def setup_logging() -> None:
+    level = logging.INFO if jax.process_index() == 0 else logging.WARNING
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def log_experiment(cfg, mesh, plan: BatchPlan, n_params: int, l2: float, datasets) -> None:
+    log.info("Experiment_details:")
+    log.info("Timestamp: '%s'", datetime.datetime.now().isoformat(timespec="seconds"))
+    log.info("User: %s", getpass.getuser())
+    log.info("Host: %s", socket.gethostname())
+    log.info("World size: %d processes, %d devices (%s)", jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
+    log.info("Mesh: %s", dict(mesh.shape))
+    log.info("Recipe config:")
+    for line in str(cfg).rstrip().splitlines():
+        log.info("  %s", line)
+    log.info("Library versions:")
+    for name in LIBRARIES:
+        try:
+            log.info("- %s: %s", name, importlib.metadata.version(name))
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    log.info("Batches: global %d = local %d x dp %d x grad_accum %d", plan.global_batch_size, plan.local_batch_size, plan.dp_size, plan.grad_accum)
+    log.info("Datasets: train %s samples, validation %s samples", *(len(d) if d is not None else None for d in datasets))
+    log.info("Model summary:")
+    log.info("Trainable parameters: {:,}".format(n_params))
+    log.info("Total parameters: {:,}".format(n_params))
+    log.info("Param L2 norm: %.4f", l2)
+
+
+# ------------------------------------------------------------------------------------------ preemption
+
+
+class StopSignal:
+    """SIGTERM (SLURM's preemption notice) asks for a checkpoint and a clean exit at the next step.
+
+    Every process must stop at the same step, so in a multi-process run the flag is OR-ed over all
+    processes each step (a few bytes; nothing compared with a train step).
+    """
+
+    def __init__(self):
+        self.received = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def should_stop(self) -> bool:
+        if jax.process_count() == 1:
+            return self.received
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array([self.received]))))
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def run(cfg) -> int:
+    setup_logging()
+
+    # -- Processes and mesh.
+    parallel.initialize_distributed()
+    d = cfg.distributed
+    if d.cp_size != 1 or d.sequence_parallel:
+        raise UserError("distributed.cp_size / sequence_parallel: context and sequence parallelism are not supported")
+    mesh = parallel.make_mesh(dp_replicate_size=int(d.dp_replicate_size), dp_shard_size=_shard_size(d), tp_size=int(d.tp_size))
+    data_axes = ("replicate", "fsdp")
+    dp_size = mesh.shape["replicate"] * mesh.shape["fsdp"]
+    plan = plan_batches(cfg, dp_size)
+
+    # -- Input: Megatron datasets and the per-process Grain loaders.
+    ds_cfg, val_cfg = cfg.dataset, cfg.validation_dataset
+    train_ds = build_gpt_datasets(
+        ds_cfg.paths, seq_length=ds_cfg.seq_length, split=ds_cfg.split, seed=ds_cfg.seed,
+        num_samples=(plan.train_samples, 0, 0), cache_dir=ds_cfg.index_mapping_dir,
+    )[0]
+    val_ds = None
+    if plan.val_samples and cfg.step_scheduler.val_every_steps:
+        val_ds = build_gpt_datasets(
+            val_cfg.paths, seq_length=val_cfg.seq_length, split=val_cfg.split, seed=val_cfg.seed,
+            num_samples=(0, plan.val_samples, 0), cache_dir=val_cfg.index_mapping_dir,
+        )[1]
+    steps_per_epoch = len(train_ds) // plan.global_batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"dataset.paths: {len(train_ds)} train samples do not fill one global batch of {plan.global_batch_size}")
+    total_steps = min(plan.max_steps, steps_per_epoch * int(cfg.step_scheduler.num_epochs))
+    loader = make_loader(
+        train_ds, global_batch_size=plan.global_batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_batches=total_steps, worker_count=int(ds_cfg.worker_count),
+    )
+    batch_sharding = parallel.batch_sharding(mesh)
+
+    # -- Model, built sharded.
+    hf_config = model_config(cfg)
+    model = build_model(cfg, hf_config, mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    del model
+    n_params, n_params_no_pos = param_counts(params, hf_config)
+
+    # -- Optimizer, its state sharded like the parameters.
+    lr_schedule = schedule_lib.from_config(cfg)
+    optimizer = build_optimizer(cfg, lr_schedule)
+    opt_state = jax.jit(optimizer.init)(params)
+    state = {"params": params, "opt_state": opt_state}
+    state_shardings = jax.tree.map(lambda a: a.sharding, state)
+
+    # -- Checkpoint: resume from the newest complete one.
+    data_iter = iter(loader)
+    ckpt = None
+    start_step = 0
+    if cfg.checkpoint.enabled:
+        ckpt = TrainCheckpointer(
+            cfg.checkpoint.checkpoint_dir, max_to_keep=int(cfg.checkpoint.max_to_keep), async_save=bool(cfg.checkpoint.async_save)
+        )
+        latest = ckpt.latest_step()
+        if latest is not None:
+            restored = ckpt.restore(latest, params=state["params"], opt_state=state["opt_state"], data_iterator=data_iter)
+            state = {"params": restored["params"], "opt_state": restored["opt_state"]}
+            start_step = latest
+            log.info("Resumed from %s at step %d", os.path.join(ckpt.directory, str(latest)), latest)
+
+    l2 = float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(state["params"]))))
+    log_experiment(cfg, mesh, plan, n_params, l2, (train_ds, val_ds))
+    log.info(
+        "LR schedule: init_lr %.6g max_lr %.6g min_lr %.6g warmup %d decay %d style %s",
+        lr_schedule.init_lr, lr_schedule.max_lr, lr_schedule.min_lr, lr_schedule.warmup_steps,
+        lr_schedule.decay_steps, lr_schedule.decay_style,
+    )
+    run_dir = cfg.logging.run_dir or os.path.join(cfg.checkpoint.checkpoint_dir, "logs")
+    sinks = metrics_lib.MetricSinks(run_dir, enabled=jax.process_index() == 0, wandb_cfg=cfg.wandb, config_dict=cfg.to_dict())
+
+    # -- Steps.
+    train_step = make_train_step(
+        graphdef, rest, optimizer, mesh=mesh, data_axes=data_axes, grad_accum=plan.grad_accum,
+        max_grad_norm=float(cfg.optimizer.max_grad_norm), dropout_seed=int(cfg.rng.seed),
+        deterministic=not dropout_active(hf_config), state_shardings=state_shardings, batch_sharding=batch_sharding,
+    )
+    eval_step = make_eval_step(graphdef, rest, param_shardings=state_shardings["params"], batch_sharding=batch_sharding)
+
+    seq_len = int(ds_cfg.seq_length)
+    tokens_per_step = plan.global_batch_size * seq_len
+    fpt = metrics_lib.flops_per_token(
+        n_params_no_pos=n_params_no_pos, n_layer=hf_config.n_layer, n_head=hf_config.n_head,
+        head_dim=hf_config.n_embd // hf_config.n_head, seq_len=seq_len,
+    )
+    peak = metrics_lib.peak_flops_per_device(jax.devices()[0])
+    n_dev = jax.device_count()
+    ss = cfg.step_scheduler
+
+    def validate(step: int) -> float:
+        n_batches = plan.val_samples // plan.val_batch_size
+        val_loader = make_loader(
+            val_ds, global_batch_size=plan.val_batch_size, process_index=jax.process_index(),
+            process_count=jax.process_count(), num_batches=n_batches,
+        )
+        ce_sum, count = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+        for local in val_loader:
+            c, n = eval_step(state["params"], parallel.make_global_batch(local, mesh))
+            ce_sum, count = ce_sum + c, count + n
+        loss, count = float(ce_sum) / max(int(count), 1), int(count)
+        log.info(metrics_lib.format_val_line(step, (step - 1) // steps_per_epoch, loss, lr_schedule.value(step), count))
+        sinks.log("validation", step, {"val_loss": loss, "num_label_tokens": count})
+        return loss
+
+    def save(step: int) -> None:
+        if ckpt is None:
+            return
+        meta = {"step": step, "config": cfg.to_dict(), "model_config": hf_config.to_dict(), "tokenizer": ds_cfg.tokenizer}
+        ckpt.save(step, params=state["params"], opt_state=state["opt_state"], data_iterator=data_iter, meta=meta)
+        if cfg.checkpoint.save_consolidated:
+            ckpt.wait()
+            M.save_pretrained(nnx.merge(graphdef, state["params"], rest), os.path.join(ckpt.directory, f"hf_step_{step}"), tokenizer=ds_cfg.tokenizer)
+
+    # Step k's metrics are read after step k+1 is dispatched, so the device never waits on the host.
+    last_time = time.perf_counter()
+
+    def report(step: int, device_metrics) -> None:
+        nonlocal last_time
+        m = jax.device_get(device_metrics)
+        now = time.perf_counter()
+        dt, last_time = now - last_time, now
+        loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise FloatingPointError(f"step {step}: loss {loss} / grad_norm {grad_norm} is not finite")
+        tps = tokens_per_step / dt
+        mfu = tps * fpt / (peak * n_dev) if peak else None
+        values = dict(loss=loss, grad_norm=grad_norm, lr=lr_schedule.value(step), mem=metrics_lib.peak_memory_gib(),
+                      tps=tps, num_label_tokens=int(m["num_label_tokens"]))
+        if step % int(cfg.logging.log_every_steps) == 0 or step == total_steps or step == start_step + 1:
+            log.info(metrics_lib.format_step_line(
+                step, (step - 1) // steps_per_epoch, values["loss"], values["grad_norm"], values["lr"], values["mem"],
+                tps, n_dev, values["num_label_tokens"], mfu,
+            ))
+        sinks.log("train", step, values | ({"mfu": mfu} if mfu is not None else {}))
+
+    stop = StopSignal()
+    pending = None
+    step = start_step
+    for step in range(start_step + 1, total_steps + 1):
+        batch = parallel.make_global_batch(next(data_iter), mesh)
+        state, device_metrics = train_step(state, batch, jnp.int32(step - 1))
+        if pending is not None:
+            report(*pending)
+        pending = (step, device_metrics)
+        stopping = stop.should_stop()
+        is_val = val_ds is not None and step % ss.val_every_steps == 0
+        is_ckpt = step % ss.ckpt_every_steps == 0 or step == total_steps or stopping
+        if is_val or is_ckpt:
+            report(*pending)
+            pending = None
+            if is_val or (is_ckpt and val_ds is not None and not stopping):
+                validate(step)
+            if is_ckpt:
+                save(step)
+            last_time = time.perf_counter()
+        if stopping:
+            log.info("SIGTERM: saved step %d, exiting", step)
+            break
+    if pending is not None:
+        report(*pending)
+    if ckpt is not None:
+        ckpt.wait()
+        ckpt.close()
+    sinks.close()
+    return 0
+
+
+def _shard_size(d) -> int | None:
+    """distributed.dp_size (None: fill) divided into replicate groups: the FSDP shard size."""
+    if d.dp_size is None:
+        return None
+    if d.dp_size % d.dp_replicate_size:
+        raise UserError(f"distributed.dp_size: {d.dp_size} is not a multiple of dp_replicate_size {d.dp_replicate_size}")
+    return d.dp_size // d.dp_replicate_size
