@@ -36,6 +36,7 @@ from jaxpretrain.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger("jaxpretrain")
 
+DATA_AXES = ("replicate", "fsdp")  # mesh axes the batch is split over
 LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "transformers", "ml-collections")
 
 
@@ -111,6 +112,47 @@ def param_counts(params, hf_config) -> tuple[int, int]:
     return total, total - hf_config.n_positions * hf_config.n_embd
 
 
+@dataclasses.dataclass
+class Training:
+    """Everything a train step needs, shared by the recipe and the benchmark."""
+
+    hf_config: object
+    graphdef: object
+    rest: object
+    state: dict
+    state_shardings: dict
+    lr_schedule: schedule_lib.LRSchedule
+    train_step: object
+    n_params: int
+    n_params_no_pos: int
+
+
+def build_training(cfg, mesh, plan: BatchPlan) -> Training:
+    hf_config = model_config(cfg)
+    model = build_model(cfg, hf_config, mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    del model
+    n_params, n_params_no_pos = param_counts(params, hf_config)
+    lr_schedule = schedule_lib.from_config(cfg)
+    optimizer = build_optimizer(cfg, lr_schedule)
+    state = {"params": params, "opt_state": jax.jit(optimizer.init)(params)}
+    state_shardings = jax.tree.map(lambda a: a.sharding, state)
+    train_step = make_train_step(
+        graphdef, rest, optimizer, mesh=mesh, data_axes=DATA_AXES, grad_accum=plan.grad_accum,
+        max_grad_norm=float(cfg.optimizer.max_grad_norm), dropout_seed=int(cfg.rng.seed),
+        deterministic=not dropout_active(hf_config), state_shardings=state_shardings,
+        batch_sharding=parallel.batch_sharding(mesh),
+    )
+    return Training(hf_config, graphdef, rest, state, state_shardings, lr_schedule, train_step, n_params, n_params_no_pos)
+
+
+def make_mesh(cfg):
+    d = cfg.distributed
+    if d.cp_size != 1 or d.sequence_parallel:
+        raise UserError("distributed.cp_size / sequence_parallel: context and sequence parallelism are not supported")
+    return parallel.make_mesh(dp_replicate_size=int(d.dp_replicate_size), dp_shard_size=_shard_size(d), tp_size=int(d.tp_size))
+
+
 # -------------------------------------------------------------------------------------------- logging
 
 
@@ -180,11 +222,7 @@ def run(cfg) -> int:
 
     # -- Processes and mesh.
     parallel.initialize_distributed()
-    d = cfg.distributed
-    if d.cp_size != 1 or d.sequence_parallel:
-        raise UserError("distributed.cp_size / sequence_parallel: context and sequence parallelism are not supported")
-    mesh = parallel.make_mesh(dp_replicate_size=int(d.dp_replicate_size), dp_shard_size=_shard_size(d), tp_size=int(d.tp_size))
-    data_axes = ("replicate", "fsdp")
+    mesh = make_mesh(cfg)
     dp_size = mesh.shape["replicate"] * mesh.shape["fsdp"]
     plan = plan_batches(cfg, dp_size)
 
@@ -210,19 +248,9 @@ def run(cfg) -> int:
     )
     batch_sharding = parallel.batch_sharding(mesh)
 
-    # -- Model, built sharded.
-    hf_config = model_config(cfg)
-    model = build_model(cfg, hf_config, mesh)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    del model
-    n_params, n_params_no_pos = param_counts(params, hf_config)
-
-    # -- Optimizer, its state sharded like the parameters.
-    lr_schedule = schedule_lib.from_config(cfg)
-    optimizer = build_optimizer(cfg, lr_schedule)
-    opt_state = jax.jit(optimizer.init)(params)
-    state = {"params": params, "opt_state": opt_state}
-    state_shardings = jax.tree.map(lambda a: a.sharding, state)
+    # -- Model (built sharded) and optimizer (its state sharded like the parameters).
+    t = build_training(cfg, mesh, plan)
+    state = t.state
 
     # -- Checkpoint: resume from the newest complete one.
     data_iter = iter(loader)
@@ -240,28 +268,23 @@ def run(cfg) -> int:
             log.info("Resumed from %s at step %d", os.path.join(ckpt.directory, str(latest)), latest)
 
     l2 = float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(state["params"]))))
-    log_experiment(cfg, mesh, plan, n_params, l2, (train_ds, val_ds))
+    log_experiment(cfg, mesh, plan, t.n_params, l2, (train_ds, val_ds))
     log.info(
         "LR schedule: init_lr %.6g max_lr %.6g min_lr %.6g warmup %d decay %d style %s",
-        lr_schedule.init_lr, lr_schedule.max_lr, lr_schedule.min_lr, lr_schedule.warmup_steps,
-        lr_schedule.decay_steps, lr_schedule.decay_style,
+        t.lr_schedule.init_lr, t.lr_schedule.max_lr, t.lr_schedule.min_lr, t.lr_schedule.warmup_steps,
+        t.lr_schedule.decay_steps, t.lr_schedule.decay_style,
     )
     run_dir = cfg.logging.run_dir or os.path.join(cfg.checkpoint.checkpoint_dir, "logs")
     sinks = metrics_lib.MetricSinks(run_dir, enabled=jax.process_index() == 0, wandb_cfg=cfg.wandb, config_dict=cfg.to_dict())
 
     # -- Steps.
-    train_step = make_train_step(
-        graphdef, rest, optimizer, mesh=mesh, data_axes=data_axes, grad_accum=plan.grad_accum,
-        max_grad_norm=float(cfg.optimizer.max_grad_norm), dropout_seed=int(cfg.rng.seed),
-        deterministic=not dropout_active(hf_config), state_shardings=state_shardings, batch_sharding=batch_sharding,
-    )
-    eval_step = make_eval_step(graphdef, rest, param_shardings=state_shardings["params"], batch_sharding=batch_sharding)
+    eval_step = make_eval_step(t.graphdef, t.rest, param_shardings=t.state_shardings["params"], batch_sharding=batch_sharding)
 
     seq_len = int(ds_cfg.seq_length)
     tokens_per_step = plan.global_batch_size * seq_len
     fpt = metrics_lib.flops_per_token(
-        n_params_no_pos=n_params_no_pos, n_layer=hf_config.n_layer, n_head=hf_config.n_head,
-        head_dim=hf_config.n_embd // hf_config.n_head, seq_len=seq_len,
+        n_params_no_pos=t.n_params_no_pos, n_layer=t.hf_config.n_layer, n_head=t.hf_config.n_head,
+        head_dim=t.hf_config.n_embd // t.hf_config.n_head, seq_len=seq_len,
     )
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0])
     n_dev = jax.device_count()
@@ -278,18 +301,18 @@ def run(cfg) -> int:
             c, n = eval_step(state["params"], parallel.make_global_batch(local, mesh))
             ce_sum, count = ce_sum + c, count + n
         loss, count = float(ce_sum) / max(int(count), 1), int(count)
-        log.info(metrics_lib.format_val_line(step, (step - 1) // steps_per_epoch, loss, lr_schedule.value(step), count))
+        log.info(metrics_lib.format_val_line(step, (step - 1) // steps_per_epoch, loss, t.lr_schedule.value(step), count))
         sinks.log("validation", step, {"val_loss": loss, "num_label_tokens": count})
         return loss
 
     def save(step: int) -> None:
         if ckpt is None:
             return
-        meta = {"step": step, "config": cfg.to_dict(), "model_config": hf_config.to_dict(), "tokenizer": ds_cfg.tokenizer}
+        meta = {"step": step, "config": cfg.to_dict(), "model_config": t.hf_config.to_dict(), "tokenizer": ds_cfg.tokenizer}
         ckpt.save(step, params=state["params"], opt_state=state["opt_state"], data_iterator=data_iter, meta=meta)
         if cfg.checkpoint.save_consolidated:
             ckpt.wait()
-            M.save_pretrained(nnx.merge(graphdef, state["params"], rest), os.path.join(ckpt.directory, f"hf_step_{step}"), tokenizer=ds_cfg.tokenizer)
+            M.save_pretrained(nnx.merge(t.graphdef, state["params"], t.rest), os.path.join(ckpt.directory, f"hf_step_{step}"), tokenizer=ds_cfg.tokenizer)
 
     # Step k's metrics are read after step k+1 is dispatched, so the device never waits on the host.
     last_time = time.perf_counter()
@@ -304,7 +327,7 @@ def run(cfg) -> int:
             raise FloatingPointError(f"step {step}: loss {loss} / grad_norm {grad_norm} is not finite")
         tps = tokens_per_step / dt
         mfu = tps * fpt / (peak * n_dev) if peak else None
-        values = dict(loss=loss, grad_norm=grad_norm, lr=lr_schedule.value(step), mem=metrics_lib.peak_memory_gib(),
+        values = dict(loss=loss, grad_norm=grad_norm, lr=t.lr_schedule.value(step), mem=metrics_lib.peak_memory_gib(),
                       tps=tps, num_label_tokens=int(m["num_label_tokens"]))
         if step % int(cfg.logging.log_every_steps) == 0 or step == total_steps or step == start_step + 1:
             log.info(metrics_lib.format_step_line(
@@ -318,7 +341,7 @@ def run(cfg) -> int:
     step = start_step
     for step in range(start_step + 1, total_steps + 1):
         batch = parallel.make_global_batch(next(data_iter), mesh)
-        state, device_metrics = train_step(state, batch, jnp.int32(step - 1))
+        state, device_metrics = t.train_step(state, batch, jnp.int32(step - 1))
         if pending is not None:
             report(*pending)
         pending = (step, device_metrics)

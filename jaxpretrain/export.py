@@ -1,0 +1,79 @@
+"""`python -m jaxpretrain.export --checkpoint-dir DIR [--step N] --output HF_DIR`.
+
+Turns a training checkpoint into a Hugging Face GPT-2 directory (config.json, model.safetensors and
+the tokenizer files), the seed's `save_consolidated`. Only the `params` and `meta` items are read:
+the optimizer state, which is twice the model, never leaves the disk. The output appears atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+
+from jaxpretrain.errors import UserError, run_cli
+
+
+def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None) -> str:
+    import jax
+    import transformers
+    from flax import nnx
+
+    import jaxpretrain.model as M
+    from jaxpretrain.tokenizer import save_tokenizer
+    from jaxpretrain.train.checkpoint import TrainCheckpointer
+
+    ckpt = TrainCheckpointer(checkpoint_dir, read_only=True)
+    steps = ckpt.all_steps()
+    if not steps:
+        raise UserError(f"{checkpoint_dir}: holds no complete checkpoint")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise UserError(f"--step: {step} is not among the checkpoints in {checkpoint_dir} ({sorted(steps)})")
+    meta = ckpt.restore_meta(step)
+    hf_config = transformers.GPT2Config.from_dict(meta["model_config"])
+    vocab_multiple = int(meta["config"]["model"]["vocab_multiple"])
+
+    # The parameters' shapes without allocating them; restored onto one device for writing.
+    abstract = nnx.eval_shape(lambda: M.GPT2LMHeadModel(hf_config, rngs=nnx.Rngs(0), vocab_multiple=vocab_multiple))
+    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract_params)
+    params = ckpt.restore_params(step, target)
+    ckpt.close()
+    model = nnx.merge(graphdef, params, rest)
+
+    out = os.path.abspath(output)
+    parent = os.path.dirname(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    except OSError as e:
+        raise UserError(f"{output}: cannot write here ({e.strerror})") from None
+    try:
+        M.save_pretrained(model, tmp)
+        save_tokenizer(meta.get("tokenizer") or "gpt2", tmp)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jaxpretrain.export", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint-dir", required=True, help="checkpoint.checkpoint_dir of the training run")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step to export (default: the newest)")
+    p.add_argument("--output", required=True, help="Hugging Face directory to write")
+    args = p.parse_args(argv)
+    out = export_checkpoint(args.checkpoint_dir, args.output, args.step)
+    print(f"exported {args.checkpoint_dir} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
