@@ -50,7 +50,7 @@ class LRSchedule:
             decayed = jnp.maximum(self.min_lr, self.max_lr * math.sqrt(warm) / jnp.sqrt(jnp.maximum(step, 1.0)))
         else:
             decayed = jnp.asarray(self.max_lr, jnp.float32)
-        if self.decay_style != "constant" and self.decay_style != "inverse-square-root":
+        if self.decay_style != "constant":
             decayed = jnp.where(step > self.decay_steps, self.min_lr, decayed)
         in_warmup = (self.warmup_steps > 0) & (step <= self.warmup_steps)
         return jnp.where(in_warmup, warmup_lr, decayed)
@@ -62,10 +62,10 @@ class LRSchedule:
             return self.init_lr + (self.max_lr - self.init_lr) * s / self.warmup_steps
         if self.decay_style == "constant":
             return self.max_lr
-        if self.decay_style == "inverse-square-root":
-            return max(self.min_lr, self.max_lr * max(self.warmup_steps, 1) ** 0.5 / max(s, 1.0) ** 0.5)
         if s > self.decay_steps:
             return self.min_lr
+        if self.decay_style == "inverse-square-root":
+            return max(self.min_lr, self.max_lr * max(self.warmup_steps, 1) ** 0.5 / max(s, 1.0) ** 0.5)
         ratio = (s - self.warmup_steps) / (self.decay_steps - self.warmup_steps)
         coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0) if self.decay_style == "cosine" else 1.0 - ratio
         return self.min_lr + coeff * (self.max_lr - self.min_lr)
