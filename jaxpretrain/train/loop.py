@@ -104,14 +104,6 @@ def dropout_active(hf_config) -> bool:
     return any(getattr(hf_config, k, 0.0) > 0 for k in ("embd_pdrop", "attn_pdrop", "resid_pdrop"))
 
 
-def param_counts(params, hf_config) -> tuple[int, int]:
-    """(parameters as Hugging Face counts them, the same without position embeddings, for MFU)."""
-    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    wte_rows = next(x.shape[0] for x in jax.tree.leaves(params) if x.ndim == 2 and x.shape[1] == hf_config.n_embd and x.shape[0] >= hf_config.vocab_size)
-    total -= (wte_rows - hf_config.vocab_size) * hf_config.n_embd  # padded vocabulary rows are not the model's
-    return total, total - hf_config.n_positions * hf_config.n_embd
-
-
 @dataclasses.dataclass
 class Training:
     """Everything a train step needs, shared by the recipe and the benchmark."""
@@ -130,9 +122,10 @@ class Training:
 def build_training(cfg, mesh, plan: BatchPlan) -> Training:
     hf_config = model_config(cfg)
     model = build_model(cfg, hf_config, mesh)
+    n_params = M.param_count(model)
+    n_params_no_pos = n_params - hf_config.n_positions * hf_config.n_embd  # what MFU counts
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     del model
-    n_params, n_params_no_pos = param_counts(params, hf_config)
     lr_schedule = schedule_lib.from_config(cfg)
     optimizer = build_optimizer(cfg, lr_schedule)
     state = {"params": params, "opt_state": jax.jit(optimizer.init)(params)}
@@ -278,7 +271,7 @@ def run(cfg) -> int:
     sinks = metrics_lib.MetricSinks(run_dir, enabled=jax.process_index() == 0, wandb_cfg=cfg.wandb, config_dict=cfg.to_dict())
 
     # -- Steps.
-    eval_step = make_eval_step(t.graphdef, t.rest, param_shardings=t.state_shardings["params"], batch_sharding=batch_sharding)
+    eval_step = make_eval_step(t.graphdef, t.rest, mesh=mesh, param_shardings=t.state_shardings["params"], batch_sharding=batch_sharding)
 
     seq_len = int(ds_cfg.seq_length)
     tokens_per_step = plan.global_batch_size * seq_len

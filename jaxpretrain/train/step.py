@@ -65,7 +65,7 @@ def make_train_step(
 
     def loss_fn(params, micro, key, denom):
         model = nnx.merge(graphdef, params, rest)
-        logits = model(micro["input_ids"], deterministic=deterministic, rngs=nnx.Rngs(dropout=key))
+        logits = model(micro["input_ids"], deterministic=deterministic, rngs=key)
         ce_sum, _ = masked_ce_sum(logits, micro["labels"])
         return ce_sum / denom
 
@@ -96,20 +96,26 @@ def make_train_step(
         metrics = {"loss": loss, "grad_norm": grad_norm, "num_label_tokens": denom.astype(jnp.int32)}
         return {"params": params, "opt_state": opt_state}, metrics
 
+    def traced(state, batch, step):
+        # Under the mesh, the model's logical activation constraints (parallel.constrain) apply.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return train_step(state, batch, step)
+
     return jax.jit(
-        train_step,
+        traced,
         in_shardings=(state_shardings, batch_sharding, None),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )
 
 
-def make_eval_step(graphdef, rest, *, param_shardings, batch_sharding):
+def make_eval_step(graphdef, rest, *, mesh, param_shardings, batch_sharding):
     """Returns `eval_step(params, batch) -> (summed CE, label tokens)`, dropout off."""
 
     def eval_step(params, batch):
-        model = nnx.merge(graphdef, params, rest)
-        logits = model(batch["input_ids"], deterministic=True)
-        return masked_ce_sum(logits, batch["labels"])
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            model = nnx.merge(graphdef, params, rest)
+            logits = model(batch["input_ids"], deterministic=True)
+            return masked_ce_sum(logits, batch["labels"])
 
     return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding))
