@@ -183,10 +183,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.step_scheduler.local_batch_size = 8
         c.step_scheduler.ckpt_every_steps = 100
         c.step_scheduler.val_every_steps = 50
-        c.step_scheduler.max_steps = 300
+        c.step_scheduler.max_steps = 200
         c.checkpoint.checkpoint_dir = "runs/tiny/checkpoints"
         c.optimizer.lr = 3e-3
-        c.lr_scheduler.lr_warmup_steps = 30
+        c.lr_scheduler.lr_warmup_steps = 20
         c.logging.log_every_steps = 10
     else:
         raise ValueError(f"configs/gpt2.py: unknown preset {arg!r}; use '124m' or 'tiny'")
