@@ -143,7 +143,15 @@ def make_mesh(cfg):
     d = cfg.distributed
     if d.cp_size != 1 or d.sequence_parallel:
         raise UserError("distributed.cp_size / sequence_parallel: context and sequence parallelism are not supported")
-    return parallel.make_mesh(dp_replicate_size=int(d.dp_replicate_size), dp_shard_size=_shard_size(d), tp_size=int(d.tp_size))
+    devices = jax.devices()
+    if d.dp_size is not None and d.dp_size * d.tp_size < len(devices):
+        # A smaller run on the first devices (one process only: every process must own mesh devices).
+        if jax.process_count() > 1:
+            raise UserError(f"distributed.dp_size: {d.dp_size} x tp_size {d.tp_size} must use all {len(devices)} devices of a multi-process run")
+        devices = devices[: d.dp_size * d.tp_size]
+    return parallel.make_mesh(
+        dp_replicate_size=int(d.dp_replicate_size), dp_shard_size=_shard_size(d), tp_size=int(d.tp_size), devices=devices
+    )
 
 
 # -------------------------------------------------------------------------------------------- logging

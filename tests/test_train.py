@@ -1,0 +1,199 @@
+"""The recipe end to end, on CPU, with real processes: preprocess -> train -> validate -> checkpoint ->
+export -> transformers; SIGTERM and resume; several mesh layouts against one device."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP_LINE = re.compile(
+    r"step (\d+) \| epoch (\d+) \| loss (\d+\.\d{4}) \| grad_norm (\d+\.\d{4}) \| lr (\d\.\d{2}e[-+]\d{2}) \| "
+    r"mem (\d+\.\d{2}) GiB \| tps (\d+\.\d{2})\((\d+\.\d{2})/cpu\) \| num_label_tokens (\d+)"
+)
+VAL_LINE = re.compile(r"\[val\] step (\d+) \| epoch (\d+) \| loss (\d+\.\d{4}) \| lr \S+ \| num_label_tokens (\d+)")
+SEQ = 32
+STEPS = 12
+VAL_SAMPLES = 16
+
+
+def python(*args, env=None, timeout=600, **kw):
+    env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="module")
+def token_glob(tmp_path_factory):
+    """A small real corpus (CPython stdlib sources) preprocessed by our CLI into Megatron files."""
+    from jaxpretrain.data.stdlib_corpus import write_stdlib_jsonl
+
+    root = tmp_path_factory.mktemp("corpus")
+    write_stdlib_jsonl(str(root / "jsonl"), num_files=2, max_docs=300)
+    r = python(
+        "-m", "jaxpretrain.preprocess", "--input", str(root / "jsonl" / "*.jsonl"), "--json-keys", "text",
+        "--output-prefix", "processed_data", "--output-path", str(root / "tok"), "--workers", "2", "--append-eod",
+    )
+    assert r.returncode == 0, r.stderr
+    return str(root / "tok" / "processed_data_*_text_document*")
+
+
+def tiny_overrides(token_glob: str, ckpt_dir: str, **extra) -> dict:
+    o = {
+        "model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "model.n_positions": 64,
+        "model.dropout": 0.1,  # dropout on: resume must replay the same masks
+        "dataset.paths": token_glob, "validation_dataset.paths": token_glob,
+        "dataset.index_mapping_dir": os.path.join(ckpt_dir, "..", "index_cache"),
+        "validation_dataset.index_mapping_dir": os.path.join(ckpt_dir, "..", "index_cache"),
+        "dataset.seq_length": SEQ, "validation_dataset.seq_length": SEQ,
+        "dataset.split": "0.9, 0.1, 0.0", "validation_dataset.split": "0.9, 0.1, 0.0",
+        "validation_dataset.num_val_samples": VAL_SAMPLES,
+        "step_scheduler.global_batch_size": 8, "step_scheduler.local_batch_size": 4,
+        "step_scheduler.max_steps": STEPS, "step_scheduler.val_every_steps": 4, "step_scheduler.ckpt_every_steps": 6,
+        "lr_scheduler.lr_warmup_steps": 3, "logging.log_every_steps": 1,
+        "checkpoint.checkpoint_dir": ckpt_dir,
+    }
+    o.update(extra)
+    return o
+
+
+def as_flags(overrides: dict) -> list[str]:
+    return ["--config", "configs/gpt2.py:tiny"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def train_losses(ckpt_dir: str) -> dict[int, float]:
+    with open(os.path.join(ckpt_dir, "logs", "train.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def baseline_run(token_glob, tmp_path_factory):
+    ckpt = str(tmp_path_factory.mktemp("baseline") / "ckpt")
+    r = python("-m", "jaxpretrain.train", *as_flags(tiny_overrides(token_glob, ckpt)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return ckpt, r.stdout
+
+
+def test_train_logs_the_seed_lines_and_loss_falls(baseline_run):
+    _, out = baseline_run
+    steps = [m for m in map(STEP_LINE.search, out.splitlines()) if m]
+    assert [int(m.group(1)) for m in steps] == list(range(1, STEPS + 1))
+    assert all(int(m.group(9)) == 8 * SEQ for m in steps)  # every label token of the global batch
+    losses = [float(m.group(3)) for m in steps]
+    assert losses[0] > 10.0  # ln(50257) = 10.8 at init
+    assert losses[-1] < losses[0] - 1.0
+    vals = [m for m in map(VAL_LINE.search, out.splitlines()) if m]
+    assert [int(m.group(1)) for m in vals] == [4, 8, 12]
+    assert all(int(m.group(4)) == VAL_SAMPLES * SEQ for m in vals)
+    assert "Trainable parameters:" in out and "Param L2 norm:" in out
+
+
+def test_export_scores_validation_at_the_logged_loss(baseline_run, token_glob, tmp_path):
+    """The exported HF directory, in transformers' torch GPT-2, gives the last logged val loss."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from jaxpretrain.data import build_gpt_datasets
+
+    ckpt, out = baseline_run
+    logged = float([m for m in map(VAL_LINE.search, out.splitlines()) if m][-1].group(3))
+    hf_dir = str(tmp_path / "hf")
+    r = python("-m", "jaxpretrain.export", "--checkpoint-dir", ckpt, "--output", hf_dir)
+    assert r.returncode == 0, r.stderr
+    assert {"config.json", "model.safetensors"} <= set(os.listdir(hf_dir))
+    assert any(f.startswith(("tokenizer", "vocab")) for f in os.listdir(hf_dir))
+
+    valid = build_gpt_datasets(token_glob, seq_length=SEQ, split="0.9, 0.1, 0.0", seed=1234, num_samples=(0, VAL_SAMPLES, 0))[1]
+    ids = torch.tensor(np.stack([valid[i]["input_ids"] for i in range(VAL_SAMPLES)]).astype(np.int64))
+    labels = torch.tensor(np.stack([valid[i]["labels"] for i in range(VAL_SAMPLES)]).astype(np.int64))
+    model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).item()
+    assert abs(loss - logged) < 2e-4, (loss, logged)
+
+
+def test_sigterm_then_resume_gives_identical_losses(baseline_run, token_glob, tmp_path):
+    base_ckpt, _ = baseline_run
+    expected = train_losses(base_ckpt)
+    ckpt = str(tmp_path / "ckpt")
+    cmd = [sys.executable, "-m", "jaxpretrain.train", *as_flags(tiny_overrides(token_glob, ckpt))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        m = STEP_LINE.search(line)
+        if m and int(m.group(1)) == 2:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, "".join(seen) + rest
+    stopped = re.search(r"SIGTERM: saved step (\d+)", rest)
+    assert stopped, rest
+    stop_step = int(stopped.group(1))
+    assert stop_step < STEPS
+
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"Resumed from" in r.stdout and f"at step {stop_step}" in r.stdout
+    resumed = [int(m.group(1)) for m in map(STEP_LINE.search, r.stdout.splitlines()) if m]
+    assert resumed[0] == stop_step + 1 and resumed[-1] == STEPS
+    got = train_losses(ckpt)
+    # Bit for bit: the same floats as the uninterrupted run, before and after the interruption.
+    assert got == expected
+
+
+MESH_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    sys.path.insert(0, os.path.join(os.getcwd(), "configs"))
+    import gpt2 as presets
+    from jaxpretrain.train.loop import run
+
+    overrides, layouts = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    for name, layout in layouts.items():
+        cfg = presets.get_config("tiny")
+        with cfg.unlocked():
+            for key, value in {**overrides, **layout}.items():
+                section, field = key.split(".")
+                cfg[section][field] = value
+            cfg.checkpoint.enabled = False
+            cfg.logging.run_dir = os.path.join(overrides["checkpoint.checkpoint_dir"], name)
+        run(cfg)
+    """
+)
+
+
+def test_mesh_layouts_train_like_one_device(token_glob, tmp_path):
+    """dp (FSDP over 8), HSDP 2x4 and FSDP 4 x TP 2 on an 8-device CPU mesh: the losses of 1 device."""
+    overrides = tiny_overrides(token_glob, str(tmp_path), **{"model.dropout": 0.0, "step_scheduler.max_steps": 6})
+    for k in ("checkpoint.checkpoint_dir",):
+        overrides[k] = str(tmp_path)
+    layouts = {
+        "one_device": {"distributed.dp_size": 1, "step_scheduler.local_batch_size": 4},
+        "fsdp8": {"step_scheduler.local_batch_size": 1},
+        "hsdp2x4": {"distributed.dp_replicate_size": 2, "step_scheduler.local_batch_size": 1},
+        "fsdp4_tp2": {"distributed.tp_size": 2, "step_scheduler.local_batch_size": 2},
+    }
+    r = python(
+        "-c", MESH_SCRIPT, json.dumps(overrides), json.dumps(layouts),
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    def losses(name):
+        with open(tmp_path / name / "train.jsonl") as f:
+            return np.array([json.loads(line)["loss"] for line in f])
+
+    one = losses("one_device")
+    assert len(one) == 6
+    for name in ("fsdp8", "hsdp2x4", "fsdp4_tp2"):
+        np.testing.assert_allclose(losses(name), one, rtol=2e-5, err_msg=name)
+    assert "'fsdp': 4, 'tensor': 2" in r.stdout
