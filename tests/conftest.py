@@ -1,0 +1,92 @@
+"""Shared fixtures: a small real corpus, the offline GPT-2 tokenizer, and megatron-core as the reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Never reach for the Hugging Face hub from tests (there is no network, and a hang would cost minutes).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def run_module(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m module args...` with this checkout importable; text output captured."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO_ROOT
+    )
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """The embedded GPT-2 BPE as a Hugging Face tokenizer (offline)."""
+    from jaxpretrain.tokenizer import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def stdlib_jsonl(tmp_path_factory) -> list[str]:
+    """A few hundred CPython stdlib sources as FineWeb-style JSONL, in 3 chunk files."""
+    from jaxpretrain.data.stdlib_corpus import write_stdlib_jsonl
+
+    return write_stdlib_jsonl(str(tmp_path_factory.mktemp("stdlib_jsonl")), num_files=3, max_docs=300)
+
+
+def megatron_reference(input_files, out_dir, tokenizer, *, key="text", append_eod=True, prefix="reference"):
+    """Automodel's loop, reduced: megatron-core's IndexedDatasetBuilder fed `tokenizer(text).input_ids` (+ eos).
+
+    Returns one prefix per input file. Rows the preprocessor skips (no usable text) are skipped here too.
+    """
+    import json
+
+    import torch  # noqa: F401  (megatron-core needs it importable)
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    prefixes = []
+    for i, path in enumerate(input_files):
+        out = os.path.join(out_dir, f"{prefix}_{i}_{key}_document")
+        builder = IndexedDatasetBuilder(out + ".bin", dtype=DType.optimal_dtype(len(tokenizer)))
+        for text in iter_texts(path, key):
+            ids = tokenizer(text).input_ids
+            if append_eod:
+                ids = ids + [tokenizer.eos_token_id]
+            builder.add_document(ids, [len(ids)])
+        builder.finalize(out + ".idx")
+        prefixes.append(out)
+    return prefixes
+
+
+def iter_texts(path, key="text"):
+    """The usable texts of a JSONL or parquet file, in order (valid rows with a non-empty string)."""
+    import json
+
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for text in pq.read_table(path, columns=[key]).column(key).to_pylist():
+            if isinstance(text, str) and text:
+                yield text
+        return
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                row = json.loads(raw.decode("utf-8"))
+                text = row[key]
+                text.encode("utf-8")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+            if isinstance(text, str) and text:
+                yield text
+
+
+@pytest.fixture(scope="session")
+def stdlib_reference(stdlib_jsonl, gpt2_tokenizer, tmp_path_factory) -> list[str]:
+    """megatron-core's files for `stdlib_jsonl` with HF GPT-2 ids + eos, one prefix per chunk."""
+    return megatron_reference(stdlib_jsonl, str(tmp_path_factory.mktemp("reference")), gpt2_tokenizer)
