@@ -90,3 +90,16 @@ def iter_texts(path, key="text"):
 def stdlib_reference(stdlib_jsonl, gpt2_tokenizer, tmp_path_factory) -> list[str]:
     """megatron-core's files for `stdlib_jsonl` with HF GPT-2 ids + eos, one prefix per chunk."""
     return megatron_reference(stdlib_jsonl, str(tmp_path_factory.mktemp("reference")), gpt2_tokenizer)
+
+
+def word_level_tokenizer(vocab_size=100):
+    """A non-GPT-2 HF tokenizer built offline: whitespace-separated words `w0`, `w1`, ... and `</s>` as eos."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "</s>": 1}
+    for i in range(vocab_size - 2):
+        vocab[f"w{i}"] = i + 2
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")

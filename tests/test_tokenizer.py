@@ -7,6 +7,7 @@ import os
 import random
 
 import pytest
+from conftest import word_level_tokenizer
 
 from jaxpretrain.errors import UserError
 from jaxpretrain.tokenizer import (
@@ -95,7 +96,7 @@ def test_fast_path_detection(gpt2_tokenizer, tmp_path):
     assert fast_encoder_for(gpt2_tokenizer) is not None
     # A local directory holding GPT-2 (as a user's copy of openai-community/gpt2 would) qualifies too.
     assert fast_encoder_for(load_tokenizer(gpt2_tokenizer_dir())) is not None
-    assert fast_encoder_for(_word_level_tokenizer(tmp_path)) is None
+    assert fast_encoder_for(word_level_tokenizer()) is None
 
 
 def test_save_tokenizer_round_trips(gpt2_tokenizer, tmp_path):
@@ -124,16 +125,3 @@ def test_cache_dir_is_rebuilt_atomically(tmp_path, monkeypatch):
     assert first.startswith(str(tmp_path))
     assert gpt2_tokenizer_dir() == first
     assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(first)]  # no staging dirs left over
-
-
-def _word_level_tokenizer(tmp_path, vocab_size=100):
-    """A small non-GPT-2 tokenizer built offline (whitespace words)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, "</s>": 1}
-    for i in range(vocab_size - 2):
-        vocab[f"w{i}"] = i + 2
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
