@@ -1,0 +1,287 @@
+"""Hugging Face GPT-2 checkpoints <-> Flax parameters, through one name table used both ways.
+
+Loading never materialises the full model anywhere: shapes come from the config, and each device's
+shard is read straight from the safetensors file(s) (`get_slice`) by `jax.make_array_from_callback`,
+which only asks for the shards this process's devices own. Saving gathers each parameter to the
+host, undoes the two layout changes (fused-qkv reshape, vocabulary padding) and writes config.json
+plus model.safetensors that transformers' `GPT2LMHeadModel.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxpretrain.errors import UserError
+from jaxpretrain.model.gpt2 import GPT2LMHeadModel, abstract_model, config_from, default_mesh, state_shardings
+
+# HF name (under "transformer.") | Flax path ({i}: block index) | layout
+#   same:  identical arrays (HF's Conv1D weights are already [in, out])
+#   rows:  Flax has extra zero rows at the end (vocab_multiple padding)
+#   qkv:   HF [..., 3*embed] is Flax [..., 3, embed]
+NAME_TABLE = (
+    ("wte.weight", "wte.embedding", "rows"),
+    ("wpe.weight", "wpe.embedding", "same"),
+    ("h.{i}.ln_1.weight", "h.{i}.ln_1.scale", "same"),
+    ("h.{i}.ln_1.bias", "h.{i}.ln_1.bias", "same"),
+    ("h.{i}.attn.c_attn.weight", "h.{i}.attn.c_attn.kernel", "qkv"),
+    ("h.{i}.attn.c_attn.bias", "h.{i}.attn.c_attn.bias", "qkv"),
+    ("h.{i}.attn.c_proj.weight", "h.{i}.attn.c_proj.kernel", "same"),
+    ("h.{i}.attn.c_proj.bias", "h.{i}.attn.c_proj.bias", "same"),
+    ("h.{i}.ln_2.weight", "h.{i}.ln_2.scale", "same"),
+    ("h.{i}.ln_2.bias", "h.{i}.ln_2.bias", "same"),
+    ("h.{i}.mlp.c_fc.weight", "h.{i}.mlp.c_fc.kernel", "same"),
+    ("h.{i}.mlp.c_fc.bias", "h.{i}.mlp.c_fc.bias", "same"),
+    ("h.{i}.mlp.c_proj.weight", "h.{i}.mlp.c_proj.kernel", "same"),
+    ("h.{i}.mlp.c_proj.bias", "h.{i}.mlp.c_proj.bias", "same"),
+    ("ln_f.weight", "ln_f.scale", "same"),
+    ("ln_f.bias", "ln_f.bias", "same"),
+)
+HF_PREFIX = "transformer."
+# Buffers and tied weights that some GPT-2 checkpoints carry and loading ignores.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+def name_pairs(n_layer: int) -> list[tuple[str, tuple, str]]:
+    """(HF name without prefix, Flax path tuple, layout) for every parameter of an n_layer model."""
+    pairs = []
+    for hf, flax_path, layout in NAME_TABLE:
+        for i in range(n_layer) if "{i}" in hf else [None]:
+            path = tuple(i if p == "{i}" else p for p in flax_path.split("."))
+            pairs.append((hf.format(i=i), path, layout))
+    return pairs
+
+
+def hf_shape(layout: str, flax_shape: tuple[int, ...], vocab_size: int) -> tuple[int, ...]:
+    """The HF tensor shape that a Flax parameter of this shape and layout corresponds to."""
+    if layout == "rows":
+        return (vocab_size,) + tuple(flax_shape[1:])
+    if layout == "qkv":
+        return tuple(flax_shape[:-2]) + (flax_shape[-2] * flax_shape[-1],)
+    return tuple(flax_shape)
+
+
+def to_hf(layout: str, array: np.ndarray, vocab_size: int) -> np.ndarray:
+    """A full Flax parameter as the HF tensor."""
+    if layout == "rows":
+        return array[:vocab_size]
+    if layout == "qkv":
+        return array.reshape(hf_shape(layout, array.shape, vocab_size))
+    return array
+
+
+def read_shard(layout: str, tensor, flax_shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+    """The part `index` of a Flax parameter, read from an HF safetensors slice (or numpy array)."""
+    bounds = [s.indices(n)[:2] for s, n in zip(index, flax_shape)]
+    bounds += [(0, n) for n in flax_shape[len(bounds):]]
+    if layout == "same":
+        return tensor[tuple(slice(a, b) for a, b in bounds)]
+    if layout == "rows":
+        (r0, r1), rest = bounds[0], [slice(a, b) for a, b in bounds[1:]]
+        real = int(tensor.get_shape()[0] if hasattr(tensor, "get_shape") else tensor.shape[0])
+        top = min(r1, real)
+        part = tensor[(slice(r0, top), *rest)] if top > r0 else None
+        pad_shape = (r1 - max(r0, top),) + tuple(b - a for a, b in bounds[1:])
+        pad = np.zeros(pad_shape, part.dtype if part is not None else np.float32)
+        return pad if part is None else np.concatenate([part, pad]) if pad_shape[0] else part
+    if layout == "qkv":
+        # Flax [..., 3, embed] from HF [..., 3*embed]: one contiguous column range per q/k/v.
+        *lead, (k0, k1), (e0, e1) = bounds
+        width = flax_shape[-1]
+        lead_idx = tuple(slice(a, b) for a, b in lead)
+        parts = [tensor[(*lead_idx, slice(k * width + e0, k * width + e1))] for k in range(k0, k1)]
+        return np.stack(parts, axis=len(lead))
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------
+
+
+class _SafetensorsFiles:
+    """Tensors of an HF directory by name, across model.safetensors or a sharded index."""
+
+    def __init__(self, directory: str):
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise UserError(f"{index}: not a safetensors index ({e})") from None
+            self.file_of = {name: os.path.join(directory, file) for name, file in weight_map.items()}
+        elif os.path.isfile(single):
+            with safe_open(single, framework="numpy") as f:
+                self.file_of = {name: single for name in f.keys()}
+        else:
+            raise UserError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+        for file in set(self.file_of.values()):
+            if not os.path.isfile(file):
+                raise UserError(f"{file}: listed in the safetensors index but missing")
+        self._open: dict[str, Any] = {}
+
+    def names(self) -> set[str]:
+        return set(self.file_of)
+
+    def slice(self, name: str):
+        file = self.file_of[name]
+        if file not in self._open:
+            self._open[file] = safe_open(file, framework="numpy")
+        return self._open[file].get_slice(name)
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    config=None,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    mesh: jax.sharding.Mesh | None = None,
+    attention_impl: str | None = None,
+    vocab_multiple: int = 1,
+    remat: bool | str = False,
+) -> GPT2LMHeadModel:
+    """Load an HF GPT-2 directory (config.json + safetensors), sharded over `mesh` by the rules.
+
+    `dtype` is the compute dtype; parameters are stored as `param_dtype` (float32 masters).
+    `config` (anything `config_from` takes) replaces the directory's config.json, e.g. to change
+    dropout; its shapes must still match the weights.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: not a directory (expected an HF model directory)")
+    config = config_from(path if config is None else config)
+    files = _SafetensorsFiles(path)
+    prefix = HF_PREFIX if any(n.startswith(HF_PREFIX) for n in files.names()) else ""
+    mesh = mesh or default_mesh()
+    graphdef, abstract = abstract_model(
+        config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+        vocab_multiple=vocab_multiple, remat=remat,
+    )
+    shardings = dict(nnx.to_flat_state(state_shardings(abstract, mesh)))
+    variables = dict(nnx.to_flat_state(abstract))
+
+    loaded = {}
+    for hf_name, flax_path, layout in name_pairs(config.n_layer):
+        name = prefix + hf_name
+        if name not in files.names():
+            raise UserError(f"{path}: tensor {name} missing from the safetensors files")
+        tensor = files.slice(name)
+        shape = tuple(variables[flax_path].shape)
+        want = hf_shape(layout, shape, config.vocab_size)
+        if tuple(tensor.get_shape()) != want:
+            raise UserError(f"{path}: {name} has shape {tuple(tensor.get_shape())}, config.json implies {want}")
+        loaded[flax_path] = _load_array(tensor, layout, shape, shardings[flax_path].get_value(), param_dtype)
+
+    known = {prefix + hf for hf, _, _ in name_pairs(config.n_layer)}
+    extra = sorted(n for n in files.names() - known if not n.endswith(_IGNORED_SUFFIXES))
+    if extra:
+        raise UserError(f"{path}: unexpected tensors for GPT-2 with n_layer={config.n_layer}: {extra[:5]}")
+
+    state = nnx.from_flat_state([(p, v.replace(loaded[p])) for p, v in nnx.to_flat_state(abstract)])
+    return nnx.merge(graphdef, state)
+
+
+def _load_array(tensor, layout, shape, sharding, param_dtype) -> jax.Array:
+    # Devices holding the same index (replicas) share one read.
+    cache: dict[tuple, np.ndarray] = {}
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+        if key not in cache:
+            cache[key] = np.asarray(read_shard(layout, tensor, shape, index)).astype(param_dtype)
+        return cache[key]
+
+    return jax.make_array_from_callback(shape, sharding, read)
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    # Multi-process: every process takes part in the gather; only process 0 writes.
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def save_pretrained(
+    model: GPT2LMHeadModel, out_dir: str | os.PathLike, *, tokenizer=None, tokenizer_files_from=None
+) -> None:
+    """Write `out_dir` with config.json + model.safetensors (+ tokenizer files) for transformers.
+
+    `tokenizer`: a tokenizer object or name ("gpt2": the embedded one) saved with it;
+    `tokenizer_files_from`: a directory whose tokenizer files are copied. The directory appears
+    atomically (written aside, then renamed into place). Every process must call this (shards are
+    gathered); only process 0 writes.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    config = model.config
+    config.architectures = ["GPT2LMHeadModel"]
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    tensors = {}
+    for hf_name, flax_path, layout in name_pairs(config.n_layer):
+        array = _to_host(flat[flax_path].get_value())
+        tensors[HF_PREFIX + hf_name] = np.ascontiguousarray(to_hf(layout, array, config.vocab_size))
+
+    if jax.process_index() == 0:
+        parent, name = os.path.split(out_dir)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        try:
+            config.to_json_file(os.path.join(tmp, "config.json"), use_diff=True)
+            save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            if tokenizer is not None:
+                from jaxpretrain.tokenizer import save_tokenizer
+
+                save_tokenizer(tokenizer, tmp)
+            if tokenizer_files_from is not None:
+                _copy_tokenizer_files(tokenizer_files_from, tmp)
+            _replace_dir(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"save_pretrained {out_dir}")
+
+
+def _copy_tokenizer_files(source, dest: str) -> None:
+    source = os.fspath(source)
+    found = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(source, f))]
+    if not found:
+        raise UserError(f"{source}: no tokenizer files ({', '.join(TOKENIZER_FILES)}) to copy")
+    for f in found:
+        shutil.copy2(os.path.join(source, f), os.path.join(dest, f))
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    if not os.path.exists(dst):
+        os.rename(src, dst)
+        return
+    old = f"{dst}.old-{os.getpid()}"
+    os.rename(dst, old)
+    os.rename(src, dst)
+    shutil.rmtree(old, ignore_errors=True)

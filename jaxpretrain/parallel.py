@@ -1,0 +1,214 @@
+"""Processes, the device mesh, and the one table that says how named array axes map onto it.
+
+The mesh has three axes, outermost first:
+
+    replicate  HSDP's replica groups: parameters are copied across it, the batch is split over it.
+    fsdp       FSDP: parameters are split over it (their embed dimension), and so is the batch.
+    tensor     tensor parallelism: attention heads, MLP columns and vocabulary rows split over it.
+
+Model code names the axes of its arrays logically ("vocab", "embed", "heads", ...); the table
+`LOGICAL_AXIS_RULES` is the only place that turns those names into mesh axes (MaxText's approach).
+Devices are laid out process-major, so each process owns one contiguous block of the batch and, on
+GPU nodes, the innermost `tensor` axis stays inside one node's NVLink domain.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxpretrain.errors import UserError
+
+MESH_AXES = ("replicate", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or axes, or None: replicated). A mesh axis is used at most once per
+# array, and a dimension it does not divide evenly stays replicated (tiny test vocabularies).
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # Activations.
+    ("batch", ("replicate", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # Parameters.
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("positions", None),
+    ("qkv", None),
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes
+# ------------------------------------------------------------------------------------------------
+
+
+def initialize_distributed() -> bool:
+    """Join a multi-process run if this process was started as part of one; returns whether it did.
+
+    Under `srun` (SLURM with more than one task) jax.distributed auto-detects everything. Otherwise
+    `JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`
+    say where to meet. Without either this is a single-process run and nothing happens. Call it
+    before anything touches a jax device.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    env = os.environ
+    names = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    explicit = [k for k in names if env.get(k)]
+    # srun (not sbatch) sets SLURM_STEP_NUM_TASKS: a batch script's own single process, which sees
+    # the allocation's SLURM_NTASKS, must not wait for peers that will never come.
+    in_srun = int(env.get("SLURM_STEP_NUM_TASKS") or 1) > 1 and "SLURM_PROCID" in env
+    if not explicit and not in_srun:
+        return False
+    if explicit and len(explicit) < 3:
+        missing = [k for k in names if k not in explicit]
+        raise UserError(f"environment: {', '.join(explicit)} set but {', '.join(missing)} missing")
+    # CPU devices of different processes only talk through gloo (it is unused on GPU runs).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        try:
+            num, pid = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+        except ValueError:
+            raise UserError("environment: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers") from None
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], num_processes=num, process_id=pid)
+    else:
+        jax.distributed.initialize()
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Mesh
+# ------------------------------------------------------------------------------------------------
+
+
+def make_mesh(
+    *,
+    dp_replicate_size: int = 1,
+    dp_shard_size: int | None = None,
+    tp_size: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """A ("replicate", "fsdp", "tensor") mesh over `devices` (default: all); dp_shard_size=None fills."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    for name, size in (("dp_replicate_size", dp_replicate_size), ("tp_size", tp_size)):
+        if size < 1:
+            raise UserError(f"distributed.{name}: must be >= 1, got {size}")
+    if dp_shard_size is None or dp_shard_size in (0, -1):
+        if n % (dp_replicate_size * tp_size):
+            raise UserError(
+                f"distributed: {n} devices are not divisible by dp_replicate_size x tp_size = "
+                f"{dp_replicate_size} x {tp_size}"
+            )
+        dp_shard_size = n // (dp_replicate_size * tp_size)
+    shape = (dp_replicate_size, dp_shard_size, tp_size)
+    if math.prod(shape) != n:
+        raise UserError(
+            f"distributed: dp_replicate_size x dp_shard_size x tp_size = "
+            f"{dp_replicate_size} x {dp_shard_size} x {tp_size} != {n} devices"
+        )
+    # Process-major order: a process's devices are neighbours along the batch axes.
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(ordered).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Logical axes -> mesh axes
+# ------------------------------------------------------------------------------------------------
+
+
+def logical_to_mesh_spec(
+    logical_axes: Sequence[str | None] | None,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    rules=LOGICAL_AXIS_RULES,
+) -> PartitionSpec:
+    """The PartitionSpec the rules give an array whose dimensions are named `logical_axes`.
+
+    With `mesh` and `shape`, mesh axes the mesh lacks are dropped and a dimension that the mesh
+    axes' total size does not divide is left replicated.
+    """
+    if not logical_axes:
+        return PartitionSpec()
+    table = dict(rules)
+    mesh_sizes = dict(mesh.shape) if mesh is not None else None
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(logical_axes):
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used and (mesh_sizes is None or a in mesh_sizes))
+        if axes and shape is not None and mesh_sizes is not None:
+            if shape[i] % math.prod(mesh_sizes[a] for a in axes):
+                axes = ()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec)
+
+
+def logical_to_mesh_sharding(
+    logical_axes: Sequence[str | None] | None,
+    mesh: Mesh,
+    shape: Sequence[int] | None = None,
+    rules=LOGICAL_AXIS_RULES,
+) -> NamedSharding:
+    """The NamedSharding on `mesh` for an array with these logical axes (and this shape, if given)."""
+    return NamedSharding(mesh, logical_to_mesh_spec(logical_axes, shape, mesh, rules))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Pin an activation's sharding by logical axes when traced under `jax.set_mesh(mesh)`.
+
+    Outside a mesh context this is the identity, so model code runs unchanged on one device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = logical_to_mesh_spec(logical_axes, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches
+# ------------------------------------------------------------------------------------------------
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a `[batch, ...]` array: batch over ("replicate", "fsdp"), the rest replicated."""
+    return NamedSharding(mesh, logical_to_mesh_spec(("batch",) + (None,) * (ndim - 1)))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the batch is split (replicate x fsdp)."""
+    return mesh.shape["replicate"] * mesh.shape["fsdp"]
+
+
+def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble each process's rows into global arrays sharded over the batch axes.
+
+    Every process passes its own contiguous share of the global batch (process p holds rows
+    `[p * local, (p + 1) * local)`), all with the same local batch size.
+    """
+    out = {}
+    for key, local in local_batch.items():
+        local = np.asarray(local)
+        global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+        if global_shape[0] % data_parallel_size(mesh):
+            raise UserError(
+                f"batch '{key}': global batch {global_shape[0]} is not divisible by the "
+                f"data-parallel size {data_parallel_size(mesh)}"
+            )
+        sharding = batch_sharding(mesh, local.ndim)
+        out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+    return out

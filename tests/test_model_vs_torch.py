@@ -1,0 +1,300 @@
+"""jaxpretrain's GPT-2 against transformers' torch GPT2LMHeadModel on random local checkpoints."""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file
+from transformers import GPT2Config
+from transformers import GPT2LMHeadModel as TorchGPT2
+
+import jaxpretrain.model as M
+from jaxpretrain.errors import UserError
+from jaxpretrain.model import hf
+
+SHAPES = {
+    "small-gelu_new": dict(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=97, activation_function="gelu_new"),
+    "wide-gelu": dict(n_layer=3, n_embd=48, n_head=3, n_positions=24, vocab_size=1000, activation_function="gelu"),
+    "one-layer-relu": dict(n_layer=1, n_embd=16, n_head=2, n_positions=8, vocab_size=50, activation_function="relu", n_inner=40),
+}
+
+
+def _config(**kw) -> GPT2Config:
+    # Token ids inside the tiny vocabularies keep transformers' config validation quiet.
+    return GPT2Config(bos_token_id=0, eos_token_id=0, **kw)
+
+
+def _torch_model(shape: str, seed: int = 0) -> TorchGPT2:
+    """A random HF model; biases and LayerNorms perturbed too so every tensor's mapping is tested."""
+    torch.manual_seed(seed)
+    model = TorchGPT2(_config(**SHAPES[shape])).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def checkpoint(request, tmp_path_factory):
+    torch_model = _torch_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    torch_model.save_pretrained(path)
+    return request.param, torch_model, str(path)
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """One shape, for the tests that need not run on all of them."""
+    torch_model = _torch_model("wide-gelu", seed=1)
+    path = tmp_path_factory.mktemp("small")
+    torch_model.save_pretrained(path)
+    return "wide-gelu", torch_model, str(path)
+
+
+def _ids(config, batch=2, seed=0, t=None):
+    t = t or config.n_positions
+    return np.random.RandomState(seed).randint(0, config.vocab_size, (batch, t))
+
+
+def _torch_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+@nnx.jit
+def _forward(model, ids):
+    return model(ids)
+
+
+def _rel(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+# ------------------------------------------------------------------------------------------------
+# HF -> jaxpretrain -> HF
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab_multiple", [1, 64])
+def test_from_pretrained_logits_match_torch(checkpoint, vocab_multiple):
+    _, torch_model, path = checkpoint
+    model = M.from_pretrained(path, dtype=jnp.float32, vocab_multiple=vocab_multiple)
+    ids = _ids(torch_model.config)
+    logits = model(jnp.asarray(ids)) if vocab_multiple == 1 else _forward(model, jnp.asarray(ids))
+    assert logits.shape == (2, torch_model.config.n_positions, torch_model.config.vocab_size)
+    assert logits.dtype == jnp.float32
+    assert _rel(logits, _torch_logits(torch_model, ids)) < 1e-5
+    # Shorter sequences use the first positions only.
+    short = _ids(torch_model.config, t=5)
+    assert _rel(_forward(model, jnp.asarray(short)), _torch_logits(torch_model, short)) < 1e-5
+
+
+def test_save_pretrained_roundtrip_is_exact(checkpoint, tmp_path):
+    _, torch_model, path = checkpoint
+    model = M.from_pretrained(path, vocab_multiple=64)
+    M.save_pretrained(model, tmp_path / "out")
+    original, saved = load_file(os.path.join(path, "model.safetensors")), load_file(tmp_path / "out/model.safetensors")
+    assert set(saved) == {k for k in original if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    for name, tensor in saved.items():
+        np.testing.assert_array_equal(tensor, original[name], err_msg=name)
+    with open(tmp_path / "out/config.json") as f:
+        assert json.load(f)["vocab_size"] == torch_model.config.vocab_size
+
+
+@pytest.mark.parametrize("vocab_multiple", [1, 64])
+def test_save_pretrained_of_fresh_model_loads_in_transformers(tmp_path, vocab_multiple):
+    config = _config(**SHAPES["small-gelu_new"])
+    model = M.create_model(config, seed=3, vocab_multiple=vocab_multiple)
+    M.save_pretrained(model, tmp_path / "hf")
+    loaded = TorchGPT2.from_pretrained(tmp_path / "hf").eval()
+    ids = _ids(config)
+    assert _rel(_torch_logits(loaded, ids), _forward(model, jnp.asarray(ids))) < 1e-5
+    # Saving again over the directory replaces it whole.
+    M.save_pretrained(M.create_model(config, seed=4), tmp_path / "hf")
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_sharded_safetensors_checkpoint(tmp_path):
+    torch_model = _torch_model("wide-gelu")
+    torch_model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    model = M.from_pretrained(tmp_path)
+    ids = _ids(torch_model.config)
+    assert _rel(_forward(model, jnp.asarray(ids)), _torch_logits(torch_model, ids)) < 1e-5
+
+
+def test_tokenizer_files_are_copied(tmp_path):
+    src = tmp_path / "tok"
+    src.mkdir()
+    (src / "vocab.json").write_text("{}")
+    (src / "merges.txt").write_text("#version: 0.2\n")
+    model = M.create_model(_config(**SHAPES["one-layer-relu"]))
+    M.save_pretrained(model, tmp_path / "out", tokenizer_files_from=src)
+    assert {"vocab.json", "merges.txt", "config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "out"))
+    M.save_pretrained(model, tmp_path / "named", tokenizer="gpt2")  # the embedded GPT-2 tokenizer
+    assert {"tokenizer.json", "vocab.json"} <= set(os.listdir(tmp_path / "named"))
+    with pytest.raises(UserError, match="tokenizer files"):
+        M.save_pretrained(model, tmp_path / "bad", tokenizer_files_from=tmp_path / "missing")
+    assert sorted(os.listdir(tmp_path)) == ["named", "out", "tok"]  # nothing half-written left behind
+
+
+def test_bad_checkpoints_are_user_errors(tmp_path, small_checkpoint):
+    _, _, path = small_checkpoint
+    with pytest.raises(UserError, match="config"):
+        M.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    with pytest.raises(UserError, match="model.safetensors"):
+        M.from_pretrained(tmp_path)
+    # A config passed in replaces config.json (e.g. dropout changed); shapes must still agree.
+    model = M.from_pretrained(path, config=M.config_from(path, dropout=0.0))
+    assert model.config.attn_pdrop == 0.0 and not model.has_dropout
+    # A config that disagrees with the weights names the tensor.
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg["n_embd"] *= 2
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(cfg))
+    os.symlink(os.path.join(path, "model.safetensors"), bad / "model.safetensors")
+    with pytest.raises(UserError, match="shape"):
+        M.from_pretrained(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradients
+# ------------------------------------------------------------------------------------------------
+
+
+def _labels(ids, seed=1):
+    labels = np.roll(ids, -1, axis=1)
+    labels[np.random.RandomState(seed).rand(*labels.shape) < 0.2] = -100
+    return labels
+
+
+def _jax_loss(model, ids, labels):
+    # The recipe's loss: summed token cross-entropy over label tokens of the batch.
+    logits = model(ids)
+    mask = labels != -100
+    target = jnp.take_along_axis(logits, jnp.where(mask, labels, 0)[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target
+    return jnp.sum(nll * mask) / jnp.sum(mask)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_gradients_match_torch(checkpoint, remat):
+    shape, torch_model, path = checkpoint
+    if remat and shape != "wide-gelu":
+        pytest.skip("remat checked on one shape")
+    ids = _ids(torch_model.config, batch=3)
+    labels = _labels(ids)
+
+    torch_model.zero_grad()
+    logits = torch_model(torch.tensor(ids)).logits
+    t_labels = torch.tensor(labels)
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), t_labels.reshape(-1), ignore_index=-100, reduction="sum"
+    ) / (t_labels != -100).sum()
+    loss.backward()
+    torch_grads = {n.removeprefix("transformer."): p.grad.numpy() for n, p in torch_model.named_parameters()}
+
+    model = M.from_pretrained(path, vocab_multiple=64, remat=remat)
+    jax_loss, grads = nnx.jit(nnx.value_and_grad(_jax_loss))(model, jnp.asarray(ids), jnp.asarray(labels))
+    assert abs(float(jax_loss) - loss.item()) < 1e-5 * abs(loss.item())
+    flat = dict(nnx.to_flat_state(grads))
+    for hf_name, flax_path, layout in hf.name_pairs(torch_model.config.n_layer):
+        g = np.asarray(flat[flax_path].get_value())
+        if layout == "rows":
+            assert not g[torch_model.config.vocab_size :].any(), "padding rows got a gradient"
+        g = hf.to_hf(layout, g, torch_model.config.vocab_size)
+        ref = torch_grads[hf_name]
+        err = np.linalg.norm(g - ref) / max(np.linalg.norm(ref), 1e-12)
+        assert err < 1e-4, (hf_name, err)
+
+
+# ------------------------------------------------------------------------------------------------
+# Initialisation, dropout, precision, config
+# ------------------------------------------------------------------------------------------------
+
+
+def test_init_statistics_follow_hf_init_weights():
+    config = _config(n_layer=4, n_embd=128, n_head=4, n_positions=64, vocab_size=1000)
+    model = M.create_model(config, seed=0, vocab_multiple=128)
+    proj_std = 0.02 / math.sqrt(2 * config.n_layer)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        x = np.asarray(var.get_value())
+        name = ".".join(map(str, path))
+        assert x.dtype == np.float32, name
+        if path[-1] == "scale":
+            np.testing.assert_array_equal(x, 1.0, err_msg=name)
+        elif path[-1] == "bias":
+            np.testing.assert_array_equal(x, 0.0, err_msg=name)
+        else:
+            if path[0] == "wte":
+                assert not x[config.vocab_size :].any(), "padding rows must start at zero"
+                x = x[: config.vocab_size]
+            want = proj_std if path[-2] == "c_proj" else 0.02
+            assert abs(x.mean()) < 0.1 * want, name
+            assert abs(x.std() / want - 1) < 0.05, (name, x.std(), want)
+    d, v, p = config.n_embd, config.vocab_size, config.n_positions
+    assert M.param_count(model) == v * d + p * d + config.n_layer * (12 * d * d + 13 * d) + 2 * d
+    # Same seed, same weights; another seed, other weights.
+    again = M.create_model(config, seed=0, vocab_multiple=128)
+    np.testing.assert_array_equal(model.h[1].mlp.c_fc.kernel[...], again.h[1].mlp.c_fc.kernel[...])
+    other = M.create_model(config, seed=1, vocab_multiple=128)
+    assert not np.array_equal(model.h[1].mlp.c_fc.kernel[...], other.h[1].mlp.c_fc.kernel[...])
+    assert float(M.param_l2_norm(model)) > 0
+
+
+def test_dropout_is_keyed_and_off_by_default(small_checkpoint):
+    _, torch_model, path = small_checkpoint
+    model = M.from_pretrained(path)  # GPT-2 configs default to 0.1 dropout everywhere
+    ids = jnp.asarray(_ids(torch_model.config))
+    eval_logits = model(ids)
+    np.testing.assert_array_equal(eval_logits, model(ids, deterministic=True))
+    train = nnx.jit(lambda m, x, key: m(x, deterministic=False, rngs=key))
+    a = model(ids, deterministic=False, rngs=nnx.Rngs(dropout=0))
+    b, c = train(model, ids, jax.random.key(0)), train(model, ids, jax.random.key(1))
+    assert not np.allclose(a, eval_logits) and not np.allclose(b, c)
+    np.testing.assert_array_equal(b, train(model, ids, jax.random.key(0)))
+    with pytest.raises(ValueError, match="rngs"):
+        model(ids, deterministic=False)
+
+
+def test_explicit_attention_equals_fused_attention():
+    config = _config(**SHAPES["small-gelu_new"])
+    attn = M.gpt2.Attention(config, 0, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32, attention_impl=None)
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 16, 4, 8))
+    fused = jax.nn.dot_product_attention(q, k, v, scale=attn.scale, is_causal=True)
+    attn.attn_pdrop = 0.0  # _dropout is then the identity: only the attention itself is compared
+    np.testing.assert_allclose(attn._attention_with_dropout(q, k, v, jax.random.key(1)), fused, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits(small_checkpoint):
+    _, torch_model, path = small_checkpoint
+    model = M.from_pretrained(path, dtype=jnp.bfloat16, vocab_multiple=64, remat="dots_with_no_batch_dims_saveable")
+    assert model.h[0].mlp.c_fc.kernel[...].dtype == jnp.float32
+    ids = _ids(torch_model.config)
+    logits = jax.jit(lambda x: model(x))(jnp.asarray(ids))
+    assert logits.dtype == jnp.float32
+    assert _rel(logits, _torch_logits(torch_model, ids)) < 5e-2
+
+
+def test_config_from_sources(tmp_path):
+    assert M.config_from(None).n_layer == 12 and M.config_from("gpt2").vocab_size == 50257
+    c = M.config_from({"n_layer": 2, "n_embd": 8, "n_head": 2}, n_head=4, dropout=0.0, vocab_size=None)
+    assert (c.n_layer, c.n_head, c.attn_pdrop, c.vocab_size) == (2, 4, 0.0, 50257)
+    c.save_pretrained(tmp_path)
+    assert M.config_from(tmp_path).n_embd == 8 and M.config_from(tmp_path / "config.json").n_head == 4
+    with pytest.raises(UserError, match="n_head"):
+        M.config_from(None, n_head=5)
+    with pytest.raises(UserError, match="model.n_blocks"):
+        M.config_from(None, n_blocks=2)
+    with pytest.raises(UserError, match="activation_function"):
+        M.config_from(None, activation_function="gelu_xyz")
+    with pytest.raises(UserError, match="missing.json"):
+        M.config_from(tmp_path / "missing.json")
