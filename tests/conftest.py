@@ -44,8 +44,6 @@ def megatron_reference(input_files, out_dir, tokenizer, *, key="text", append_eo
 
     Returns one prefix per input file. Rows the preprocessor skips (no usable text) are skipped here too.
     """
-    import json
-
     import torch  # noqa: F401  (megatron-core needs it importable)
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 

@@ -22,7 +22,7 @@ import mmap
 import os
 import shutil
 import struct
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
