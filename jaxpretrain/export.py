@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, default=None, help="checkpoint step to export (default: the newest)")
     p.add_argument("--output", required=True, help="Hugging Face directory to write")
     args = p.parse_args(argv)
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's read-only notices are not news to the user
     out = export_checkpoint(args.checkpoint_dir, args.output, args.step)
     print(f"exported {args.checkpoint_dir} -> {out}")
     return 0
