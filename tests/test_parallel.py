@@ -63,7 +63,8 @@ def test_two_processes(tmp_path):
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, __file__, str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                [sys.executable, __file__, str(tmp_path)],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             )
         )
     outputs = []

@@ -196,13 +196,17 @@ class Attention(nnx.Module):
 
 
 def _resolve_attention_impl(impl: str | None, dtype, head_dim: int) -> str:
+    # cuDNN flash attention applies on GPU, in half precision, for head sizes it supports.
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    on_gpu = jax.default_backend() == "gpu"
+    if impl == "cudnn" and not (on_gpu and half):
+        raise UserError(
+            f"model.attention_impl: 'cudnn' needs a GPU and dtype bfloat16/float16 "
+            f"(backend {jax.default_backend()}, dtype {jnp.dtype(dtype).name}); use 'xla' or None"
+        )
     if impl is not None:
         return impl
-    # Auto: cuDNN flash attention where it applies (GPU, half precision, head_dim it supports).
-    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if jax.default_backend() == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128:
-        return "cudnn"
-    return "xla"
+    return "cudnn" if on_gpu and half and head_dim % 8 == 0 and head_dim <= 128 else "xla"
 
 
 class MLP(nnx.Module):
@@ -211,7 +215,8 @@ class MLP(nnx.Module):
         inner = config.n_inner or 4 * d
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.c_fc = Dense(d, (inner,), ("embed", "mlp"), std=std, key=rngs.params(), **kw)
-        self.c_proj = Dense(inner, (d,), ("mlp", "embed"), std=std / math.sqrt(2 * config.n_layer), key=rngs.params(), **kw)
+        proj_std = std / math.sqrt(2 * config.n_layer)  # GPT-2's scaled residual-projection init
+        self.c_proj = Dense(inner, (d,), ("mlp", "embed"), std=proj_std, key=rngs.params(), **kw)
         self.act = ACTIVATIONS[config.activation_function]
         self.resid_pdrop = float(config.resid_pdrop)
 
