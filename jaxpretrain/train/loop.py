@@ -21,7 +21,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxpretrain.model as M
 from jaxpretrain import parallel
@@ -128,8 +130,14 @@ def build_training(cfg, mesh, plan: BatchPlan) -> Training:
     del model
     lr_schedule = schedule_lib.from_config(cfg)
     optimizer = build_optimizer(cfg, lr_schedule)
-    state = {"params": params, "opt_state": jax.jit(optimizer.init)(params)}
-    state_shardings = jax.tree.map(lambda a: a.sharding, state)
+    param_shardings = jax.tree.map(lambda a: a.sharding, params)
+    # AdamW's moments take their parameter's sharding; scalars (the update count) are replicated.
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params), param_shardings,
+        transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()),
+    )
+    state = {"params": params, "opt_state": jax.jit(optimizer.init, out_shardings=opt_shardings)(params)}
+    state_shardings = {"params": param_shardings, "opt_state": opt_shardings}
     train_step = make_train_step(
         graphdef, rest, optimizer, mesh=mesh, data_axes=DATA_AXES, grad_accum=plan.grad_accum,
         max_grad_norm=float(cfg.optimizer.max_grad_norm), dropout_seed=int(cfg.rng.seed),

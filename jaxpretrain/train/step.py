@@ -80,6 +80,8 @@ def make_train_step(
             mb, i = xs
             loss, grads = jax.value_and_grad(loss_fn)(params, mb, jax.random.fold_in(step_key, i), denom)
             grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
+            # Pinned to the parameters' shardings: left alone, XLA may keep whole gradients per device.
+            grads_sum = jax.lax.with_sharding_constraint(grads_sum, state_shardings["params"])
             return (grads_sum, loss_sum + loss), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
