@@ -1,0 +1,644 @@
+"""Blends: what `paths` means, Megatron's blending indices, the blended dataset, and the builder.
+
+`build_gpt_datasets` is `BlendedMegatronDatasetBuilder(GPTDataset, ...).build()` as NeMo Automodel's
+`MegatronPretraining` drives it:
+
+- `paths` a glob: every match ending in `.bin`/`.idx` gives a prefix; the unique prefixes sorted as
+  strings are the blend, unweighted. A prefix, a list of prefixes, a flat `["30", p1, "70", p2]` list,
+  a `{"train": ..., "validation": ..., "test": ...}` dict (one distribution per split, no `split`),
+  or a `.json` file holding one of these.
+- One prefix: the split's GPTDataset itself (weights are dropped, as Automodel does).
+- Several, weighted: each dataset builds `ceil(ceil(size * w) * 1.005)` samples, the blend
+  `sum(ceil(size * w))`.
+- Several, unweighted: each dataset is one epoch of its split, the weights are their lengths and the
+  blend holds `min(size, sum of lengths)` samples.
+- The blend's sample s comes from the dataset Megatron's greedy picks (`blending_indices`).
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+from jaxpretrain.data import gpt_dataset as gd
+from jaxpretrain.data.indexed import IndexedDataset, get_prefix
+from jaxpretrain.errors import UserError
+
+# Megatron's `mid_level_dataset_surplus`: weighted blends build this much more of every dataset.
+MID_LEVEL_DATASET_SURPLUS = 0.005
+
+_PATH_SPLIT_KEYS = {"train": 0, "validation": 1, "valid": 1, "test": 2}
+
+
+# == Blending indices ===============================================================================
+#
+# Megatron (helpers.cpp, build_blending_indices): for sample s, pick the dataset i with the largest
+# deficit `w[i] * max(s, 1) - count[i]` (first index on ties), in doubles. A plain Python loop would
+# take seconds per million samples, so instead, chunk by chunk:
+#
+# 1. Candidate: the datasets' next samples merged in order of their release key count / w (the step
+#    where the deficit turns positive), near-equal keys heaviest first. Mostly this is the greedy order.
+# 2. Pre-pass: where the next candidate would have the larger deficit, defer the earlier one to the
+#    first step where it would win (light datasets wait while heavier ones catch up).
+# 3. Proof: a step is right if the candidate's deficit, computed exactly as Megatron does, beats every
+#    other dataset's. The next _LOOK runs are compared exactly; every later sample of a weight class
+#    is bounded by `w_max(class) * (s - smallest key)`.
+# 4. Steps the proof cannot settle are recomputed exactly from the counts; a wrong step is repaired by
+#    moving the greedy's pick forward (and the displaced sample to where it would win), and the steps
+#    whose counts changed are checked again.
+# 5. What stays unproven is cut off; where a chunk fails early, the plain loop runs for a while.
+#
+# Every emitted step is proven, so the result is Megatron's bit for bit (tests compare against the
+# C++); only the speed depends on how good the candidate is.
+
+_LOOK = 2                # runs after the candidate compared exactly
+_KEY_GRID = 2.0 ** 20    # keys this close sort as ties (the heavier dataset first)
+_MARGIN = 2.0 ** -40     # relative slack for the rounding of w * s and of the keys
+_PRE_ROUNDS = 6
+_REPAIR_ROUNDS = 32
+_PUSH = 64               # how far one step may defer a sample
+_MAX_CHUNK = 1 << 16
+
+
+def _greedy_steps(w: np.ndarray, counts: np.ndarray, start: int, stop: int, out_ds, out_k) -> None:
+    """Megatron's loop verbatim (Python floats are the same IEEE doubles)."""
+    wl = w.tolist()
+    c = counts.tolist()
+    n = len(wl)
+    for s in range(start, stop):
+        sd = float(max(s, 1))
+        best, best_e = 0, wl[0] * sd - c[0]
+        for i in range(1, n):
+            e = wl[i] * sd - c[i]
+            if e > best_e:
+                best, best_e = i, e
+        out_ds[s] = best
+        out_k[s] = c[best]
+        c[best] += 1
+    counts[:] = c
+
+
+def _push_targets(w, ids, ms, g, k, at, skip, window=8):
+    """For the sample at each position in `at`: the first later position p where it would beat the
+    sample that then sits at p (the one at p + 1, or at p while p is before `skip`, a position about
+    to be vacated). Tries a short window first, the long one only for the rest."""
+    e_id, e_m = ids[at], ms[at]
+    p = at[:, None] + np.arange(1, window + 1)[None, :]
+    elem = p + 1 if skip is None else np.where(p < skip[:, None], p, p + 1)
+    off = elem >= k
+    pc = np.minimum(p, k - 1)
+    ec = np.minimum(elem, k - 1)
+    theirs = w[ids[ec]] * g[pc] - ms[ec]
+    mine = w[e_id][:, None] * g[pc] - e_m[:, None]
+    beat = (mine > theirs) | ((mine == theirs) & (e_id[:, None] < ids[ec])) | off
+    found = beat.any(axis=1)
+    v = at + 1 + np.where(found, beat.argmax(axis=1), window - 1)
+    if window < _PUSH and not found.all():
+        far = np.flatnonzero(~found)
+        v[far] = _push_targets(w, ids, ms, g, k, at[far], None if skip is None else skip[far], _PUSH)
+    return np.minimum(v, k - 1)
+
+
+def _rearrange(ids, ms, t, end, sources):
+    """Rewrite windows [t, end] (disjoint); `sources(flat, lens, heads)` gives each slot's old slot."""
+    lens = end - t + 1
+    heads = np.concatenate(([0], np.cumsum(lens[:-1])))
+    flat = np.repeat(t - heads, lens) + np.arange(int(lens.sum()))
+    src = sources(flat, lens, heads)
+    ids[flat] = ids[src]
+    ms[flat] = ms[src]
+    return flat, heads
+
+
+def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Megatron's `(dataset_index int16[size], dataset_sample_index int64[size])` for these weights."""
+    w = np.asarray(weights, dtype=np.float64)
+    n = len(w)
+    out_ds = np.empty(size, dtype=np.int16)
+    out_k = np.empty(size, dtype=np.int64)
+    counts = np.zeros(n, dtype=np.int64)
+    if n == 1:
+        out_ds[:] = 0
+        out_k[:] = np.arange(size)
+        return out_ds, out_k
+    head = min(size, 2)  # samples 0 and 1 both use max(s, 1) = 1
+    _greedy_steps(w, counts, 0, head, out_ds, out_k)
+    s = head
+
+    perm = np.lexsort((np.arange(n), -w))  # candidate order among equal keys
+    w_p = w[perm]
+    inv = 1.0 / w
+    inv_p = inv[perm]
+    # weight classes for the bound on far samples: [w_max/2, w_max], [w_max/4, w_max/2), ...
+    cls = np.minimum(np.floor(np.log2(w.max() / w)), 3).astype(np.int64)
+    classes = [(c, w[cls == c].max(), w[cls == c].min()) for c in range(4) if (cls == c).any()]
+    cls_ext = np.append(cls, -1)
+    w_ext = np.append(w, 0.0)
+    inv_ext = np.append(inv, 0.0)
+
+    chunk, py_run = 1 << 14, 256
+    while s < size:
+        k = min(chunk, size - s)
+        g = np.arange(s, s + k, dtype=np.float64)
+
+        # 1. candidate: the next samples of every dataset merged by release key
+        c_p = counts[perm]
+        horizon = float(s + k + n)
+        while True:
+            hi = np.maximum(c_p, np.floor(horizon * w_p).astype(np.int64) + 1)
+            per = hi - c_p
+            if per.sum() > k:
+                break
+            horizon += k
+        total = int(per.sum())
+        starts = np.concatenate(([0], np.cumsum(per[:-1])))
+        seg = np.repeat(np.arange(n), per)
+        m = np.arange(total, dtype=np.int64) - (starts - c_p)[seg]
+        keys = m * inv_p[seg]
+        order = np.argsort(np.rint(keys * _KEY_GRID), kind="stable")
+        all_ids = perm[seg[order]]
+        all_ms = m[order]
+        beyond = float(np.min(hi * inv_p))  # no sample left out of the merge has a smaller key
+        ids = all_ids[:k].copy()
+        ms = all_ms[:k].copy()
+
+        # 2. pre-pass: defer a sample its successor beats
+        dirty = None
+        for _ in range(_PRE_ROUNDS):
+            if dirty is None:
+                mine = w[ids[:-1]] * g[:-1] - ms[:-1]
+                theirs = w[ids[1:]] * g[:-1] - ms[1:]
+                lose = (theirs > mine) | ((theirs == mine) & (ids[1:] < ids[:-1]))
+                wrong = np.flatnonzero(lose)
+            else:
+                look = np.flatnonzero(dirty[:k - 1])
+                mine = w[ids[look]] * g[look] - ms[look]
+                theirs = w[ids[look + 1]] * g[look] - ms[look + 1]
+                wrong = look[(theirs > mine) | ((theirs == mine) & (ids[look + 1] < ids[look]))]
+            if not len(wrong):
+                break
+            v = _push_targets(w, ids, ms, g, k, wrong, None)
+            prev_end = np.maximum.accumulate(np.concatenate(([-1], v[:-1])))
+            take = wrong > prev_end
+            t, vv = wrong[take], v[take]
+
+            def shift_left(flat, lens, heads, t=t):
+                src = flat + 1
+                src[heads + lens - 1] = t
+                return src
+
+            flat, _ = _rearrange(ids, ms, t, vv, shift_left)
+            # only around the moved windows can a new neighbour conflict appear
+            dirty = np.zeros(k + 1, dtype=bool)
+            dirty[flat] = True
+            dirty[np.maximum(flat - 1, 0)] = True
+            dirty[wrong[~take]] = True
+
+        # 3. proof by bounds
+        tail = min(total - k, _LOOK + 1)
+        ext_id = np.concatenate((ids, all_ids[k:k + tail], np.full(_LOOK + 2 - tail, n)))
+        ext_m = np.concatenate((ms, all_ms[k:k + tail], np.zeros(_LOOK + 2 - tail, dtype=np.int64)))
+        ext_w = w_ext[ext_id]
+        ext_key = inv_ext[ext_id] * ext_m
+        ext_key[k + tail:] = beyond
+        own = w[ids] * g - ms  # bit-exact: the same two double operations as the C++
+        safe = np.ones(k, dtype=bool)
+        ties = (ext_key[1:] == ext_key[:-1]) & (ext_w[1:] == ext_w[:-1])
+        if ties.any():
+            # a run: equal key and weight (so equal deficits), ascending index; only its first can win
+            first = np.ones(len(ext_id), dtype=bool)
+            first[1:] = ~ties | (ext_id[1:] <= ext_id[:-1])
+            run_first = np.flatnonzero(first)
+            run_of = np.cumsum(first[:k]) - 1
+            last_run = len(run_first) - 1
+            later = [run_first[np.minimum(run_of + d, last_run)] for d in range(1, _LOOK + 2)]
+        else:
+            later = [slice(d, d + k) for d in range(1, _LOOK + 2)]
+        for p in later[:-1]:
+            theirs = ext_w[p] * g - ext_m[p]
+            safe &= (own > theirs) | ((own == theirs) & (ids < ext_id[p]))
+        # everything after those: per weight class, a deficit is at most w_max * (s - smallest key)
+        p = later[-1]
+        rest = np.full(k, -np.inf)
+        far_ids = all_ids[k + tail:]
+        far_keys = inv[far_ids] * all_ms[k + tail:]
+        for c, c_max, c_min in classes:
+            key_c = np.where(cls_ext[ext_id] == c, ext_key, np.inf)
+            in_c = cls[far_ids] == c
+            key_c[k + tail:] = min(beyond, float(far_keys[in_c].min())) if in_c.any() else beyond
+            x = g - np.minimum.accumulate(key_c[::-1])[::-1][p]
+            np.maximum(rest, np.where(x >= 0, c_max * x, c_min * x), out=rest)
+        safe &= own - rest > _MARGIN * (g + 2.0)
+        check = np.flatnonzero(~safe)
+
+        # 4. exact checks and repairs
+        accepted, pick = k, None
+        for _ in range(_REPAIR_ROUNDS):
+            if not len(check):
+                break
+            pos = [np.flatnonzero(ids == j) for j in range(n)]
+            cnt = np.empty((n, len(check)), dtype=np.int64)
+            for j in range(n):
+                cnt[j] = counts[j] + np.searchsorted(pos[j], check)
+            best = (w[:, None] * g[check][None, :] - cnt).argmax(axis=0)
+            bad = best != ids[check]
+            if not bad.any():
+                check = check[:0]
+                break
+            wrong, wbest = check[bad], best[bad]
+            wk = cnt[wbest, np.flatnonzero(bad)]
+            u = np.full(len(wrong), k, dtype=np.int64)  # where the greedy's pick sits now
+            for j in np.unique(wbest):
+                sel = wbest == j
+                r = wk[sel] - counts[j]
+                ok = r < len(pos[j])
+                u_j = np.full(len(r), k, dtype=np.int64)
+                u_j[ok] = pos[j][r[ok]]
+                u[sel] = u_j
+            if u[0] >= k:
+                accepted, pick = int(wrong[0]), (int(wbest[0]), int(wk[0]))
+                check = check[:0]
+                break
+            uc = np.minimum(u, k - 1)
+            v = _push_targets(w, ids, ms, g, k, wrong, uc)
+            end = np.maximum(uc, v)
+            prev_end = np.maximum.accumulate(np.concatenate(([-1], end[:-1])))
+            take = (wrong > prev_end) & (u < k)
+            t, uu, vv = wrong[take], u[take], v[take]
+
+            def pull_and_push(flat, lens, heads, t=t, uu=uu, vv=vv):
+                # slot t gets the pick from uu; the sample from t goes to vv; the rest close up
+                T, U, V = np.repeat(t, lens), np.repeat(uu, lens), np.repeat(vv, lens)
+                src = np.where(flat < V, np.where(flat < U, flat, flat + 1),
+                               np.where(flat == V, T, np.where(flat > U, flat, flat - 1)))
+                src[heads] = uu
+                return src
+
+            flat, heads = _rearrange(ids, ms, t, end[take], pull_and_push)
+            check = np.union1d(np.delete(flat, heads), wrong[~take])
+        if len(check):
+            accepted = int(check[0])
+
+        # 5. emit the proven prefix
+        out_ds[s:s + accepted] = ids[:accepted]
+        out_k[s:s + accepted] = ms[:accepted]
+        counts += np.bincount(ids[:accepted], minlength=n)
+        s += accepted
+        if pick is not None:
+            out_ds[s], out_k[s] = pick
+            counts[pick[0]] += 1
+            s += 1
+        if accepted == k:
+            chunk = min(_MAX_CHUNK, chunk * 2)
+            if k >= 4096:
+                py_run = 256
+        elif accepted < 64:
+            stop = min(size, s + py_run)
+            _greedy_steps(w, counts, s, stop, out_ds, out_k)
+            s = stop
+            py_run = min(py_run * 2, 1 << 14)
+            chunk = 1024
+        else:
+            chunk = max(1024, min(chunk, 4 * (accepted + 1)))
+    return out_ds, out_k
+
+
+# == What `paths` means =============================================================================
+
+
+def _is_glob(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _expand(entry: str) -> list[str]:
+    """A glob -> the sorted unique prefixes of its `.bin`/`.idx` matches (Automodel's
+    `get_list_of_files`); anything else is one prefix (given with or without `.bin`/`.idx`)."""
+    entry = entry.strip()
+    if not _is_glob(entry):
+        return [get_prefix(entry)]
+    matches = globlib.glob(entry)
+    if not matches:
+        raise UserError(f"dataset.paths: {entry!r} matches no files")
+    prefixes = set()
+    for path in matches:
+        if not path.endswith((".bin", ".idx")):
+            raise UserError(f"{path}: matched by {entry!r} but not a .bin or .idx file")
+        prefixes.add(os.path.splitext(path)[0])
+    return sorted(prefixes)
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def parse_blend(spec, where: str = "dataset.paths") -> tuple[list[str], list[float] | None]:
+    """One distribution: (prefixes, weights or None), as Megatron's `get_blend_from_list`."""
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if isinstance(spec, str):
+        return _expand(spec), None
+    if not isinstance(spec, (list, tuple)) or not spec:
+        raise UserError(f"{where}: expected a glob, a prefix or a non-empty list, got {spec!r}")
+    items = [os.fspath(x) if isinstance(x, os.PathLike) else x for x in spec]
+    numeric = [_is_number(x) for x in items[::2]]
+    if len(items) % 2 == 0 and any(numeric):
+        if not all(numeric) or any(_is_number(x) for x in items[1::2]):
+            raise UserError(f"{where}: a weighted list alternates numbers and prefixes: [w1, p1, w2, p2, ...]; got {spec!r}")
+        weights = [float(x) for x in items[::2]]
+        bad = [x for x in weights if not (x > 0 and math.isfinite(x))]
+        if bad:
+            raise UserError(f"{where}: weights must be positive numbers, got {bad[0]!r}")
+        prefixes = []
+        for p in items[1::2]:
+            if not isinstance(p, str):
+                raise UserError(f"{where}: {p!r} is not a path")
+            expanded = _expand(p)
+            if len(expanded) != 1:
+                raise UserError(f"{where}: the weighted entry {p!r} must name one prefix, not a glob of {len(expanded)}")
+            prefixes += expanded
+        return prefixes, weights
+    prefixes = []
+    for p in items:
+        if not isinstance(p, str):
+            raise UserError(f"{where}: {p!r} is not a path")
+        prefixes += _expand(p)
+    return prefixes, None
+
+
+def parse_paths(paths):
+    """`paths` -> ("blend", (prefixes, weights)) for one distribution split by `split`, or
+    ("per_split", [blend or None] * 3) for a train/validation/test dict."""
+    if isinstance(paths, os.PathLike):
+        paths = os.fspath(paths)
+    if isinstance(paths, str) and paths.strip().endswith(".json") and not _is_glob(paths):
+        try:
+            with open(paths.strip()) as f:
+                paths = json.load(f)
+        except OSError as e:
+            raise UserError(f"{paths}: cannot read ({e.strerror})") from None
+        except ValueError as e:
+            raise UserError(f"{paths}: not valid JSON ({e})") from None
+    if isinstance(paths, dict):
+        unknown = set(paths) - set(_PATH_SPLIT_KEYS)
+        if unknown:
+            raise UserError(f"dataset.paths: unknown split keys {sorted(unknown)} (use train, validation, test)")
+        blends = [None, None, None]
+        for key, value in paths.items():
+            if value is not None:
+                blends[_PATH_SPLIT_KEYS[key]] = parse_blend(value, f"dataset.paths[{key!r}]")
+        return "per_split", blends
+    prefixes, weights = parse_blend(paths)
+    if len(prefixes) == 1:
+        weights = None  # Automodel: one path is used as is
+    return "blend", (prefixes, weights)
+
+
+def _check_prefixes(prefixes) -> None:
+    for prefix in prefixes:
+        idx, bin_ = prefix + ".idx", prefix + ".bin"
+        if not os.path.isfile(idx) and not os.path.isfile(bin_):
+            raise UserError(f"{prefix}: no such dataset prefix (neither .bin nor .idx exists)")
+
+
+# == The blended dataset ============================================================================
+
+
+class BlendedDataset:
+    """Megatron's BlendedDataset: sample i is sample `dataset_sample_index[i]` of dataset
+    `dataset_index[i]`; the indices are cached as `{md5}-BlendedDataset-{split}-*`."""
+
+    def __init__(self, datasets, weights, size: int, split: str, cache_dir: str | None, build=None):
+        self.datasets = list(datasets)
+        self.weights = gd.normalize(weights)
+        self.size = int(size)
+        self.split = split
+        self.seq_length = self.datasets[0].seq_length
+        self.unique_identifiers = {
+            "class": "BlendedDataset",
+            "datasets": [d.unique_identifiers for d in self.datasets],
+            "split": split,
+            "weights": self.weights,
+            "size": self.size,
+        }
+        self.unique_description = gd.describe(self.unique_identifiers)
+        self.unique_description_hash = gd.description_hash(self.unique_description)
+        base = f"{self.unique_description_hash}-BlendedDataset-{split}"
+        arrays = gd.cached_arrays(
+            cache_dir, base, ("dataset_index", "dataset_sample_index"), self.unique_description,
+            build or self.build_indices,
+        )
+        self.dataset_index = arrays["dataset_index"]
+        self.dataset_sample_index = arrays["dataset_sample_index"]
+
+    def build_indices(self) -> dict:
+        dataset_index, dataset_sample_index = blending_indices(self.weights, self.size)
+        return {"dataset_index": dataset_index, "dataset_sample_index": dataset_sample_index}
+
+    def check_sizes(self) -> None:
+        """Megatron's guard: the blend must not draw more samples from a dataset than it holds."""
+        drawn = np.bincount(np.asarray(self.dataset_index), minlength=len(self.datasets))
+        for ds, n in zip(self.datasets, drawn):
+            if n > len(ds):
+                raise UserError(
+                    f"{ds.dataset_path}: the {self.split} blend draws {n} samples from it but it holds {len(ds)} "
+                    f"(Megatron's mid_level_dataset_surplus {MID_LEVEL_DATASET_SURPLUS} is too small for these weights)"
+                )
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for name in ("dataset_index", "dataset_sample_index"):
+            if isinstance(state[name], np.memmap):
+                state[name] = ("mmap", state[name].filename)
+        return state
+
+    def __setstate__(self, state):
+        for name in ("dataset_index", "dataset_sample_index"):
+            value = state[name]
+            if isinstance(value, tuple) and value and value[0] == "mmap":
+                state[name] = np.load(value[1], allow_pickle=True, mmap_mode="r")
+        self.__dict__.update(state)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, idx: int) -> dict:
+        if idx < 0:
+            idx += self.size
+        if not 0 <= idx < self.size:
+            raise IndexError(f"sample {idx} out of range for {self.size} samples")
+        return self.datasets[int(self.dataset_index[idx])][int(self.dataset_sample_index[idx])]
+
+    def get_batch(self, indices) -> dict:
+        text = self.read_text(indices)
+        return {"input_ids": text[:, :-1].copy(), "labels": text[:, 1:].copy()}
+
+    def read_text(self, indices) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        which = np.asarray(self.dataset_index[indices])
+        sample = np.asarray(self.dataset_sample_index[indices])
+        out = np.empty((len(indices), self.seq_length + 1), dtype=np.int32)
+        for d in np.unique(which):
+            rows = np.flatnonzero(which == d)
+            out[rows] = self.datasets[int(d)].read_text(sample[rows])
+        return out
+
+
+# == The builder ====================================================================================
+
+
+def _size_per_dataset(weights, size: int, surplus: float = 0.0) -> list[int]:
+    """`_get_size_per_split_per_dataset` for one split."""
+    return [int(math.ceil(math.ceil(size * w) * (1 + surplus))) for w in weights]
+
+
+def build_gpt_datasets(
+    paths,
+    *,
+    seq_length: int,
+    split="969, 30, 1",
+    seed: int = 1234,
+    num_samples,
+    cache_dir: str | None = None,
+    splits_to_build=None,
+    tokenizer=None,
+    num_threads: int = 2,
+):
+    """(train, valid, test): each a dataset with `len()`, `ds[i]` and `ds.get_batch(indices)`, or None.
+
+    Sample i of each equals sample i of megatron-core's `BlendedMegatronDatasetBuilder(GPTDataset, ...)`
+    for the same paths, split, seed and sizes. `num_samples[i]` of 0 or None: split i is not built;
+    `splits_to_build` ("train" / "validation" / "test" or a list) restricts further. `cache_dir` is
+    the index cache (Megatron's `path_to_cache`; None: build in memory). `tokenizer`: the identifiers
+    Megatron records for the tokenizer (its `unique_identifiers`); only the cache names depend on it,
+    the samples do not. `num_threads` > 1 builds datasets and blends side by side (numpy and the
+    shuffles release the GIL).
+    """
+    if not isinstance(seq_length, int) or seq_length < 1:
+        raise UserError(f"dataset.seq_length: must be a positive integer, got {seq_length!r}")
+    sizes = list(num_samples) if num_samples is not None else []
+    if len(sizes) != 3:
+        raise UserError(f"num_samples: expected (train, validation, test), got {num_samples!r}")
+    for i, n in enumerate(sizes):
+        if n is not None and (not isinstance(n, (int, np.integer)) or n < 0):
+            raise UserError(f"num_samples: {SPLIT_LABELS[i]} must be a non-negative integer or None, got {n!r}")
+    wanted = [bool(n) for n in sizes]
+    if splits_to_build is not None:
+        names = [splits_to_build] if isinstance(splits_to_build, str) else list(splits_to_build)
+        for name in names:
+            if name not in _PATH_SPLIT_KEYS:
+                raise UserError(f"splits_to_build: unknown split {name!r} (use train, validation, test)")
+        chosen = {_PATH_SPLIT_KEYS[name] for name in names}
+        wanted = [w and i in chosen for i, w in enumerate(wanted)]
+    tok = _TokenizerIdentifiers(tokenizer) if tokenizer is not None else None
+
+    kind, spec = parse_paths(paths)
+    plans = []  # (split index, prefixes, weights, split fraction range, split string, matrix)
+    if kind == "blend":
+        prefixes, weights = spec
+        text = gd.split_text(split)
+        matrix = gd.split_matrix(gd.parse_split(split))
+        for i in range(3):
+            if not wanted[i]:
+                continue
+            if matrix[i] is None:
+                raise UserError(f"split: {text!r} leaves the {SPLIT_LABELS[i]} split empty but {sizes[i]} samples were requested")
+            plans.append((i, prefixes, weights, matrix[i], text, matrix))
+    else:
+        for i in range(3):
+            if not wanted[i]:
+                continue
+            if spec[i] is None:
+                raise UserError(f"dataset.paths: no {SPLIT_LABELS[i]} entry but {sizes[i]} samples were requested")
+            prefixes, weights = spec[i]
+            plans.append((i, prefixes, weights, (0.0, 1.0), None, None))
+    for plan in plans:
+        _check_prefixes(plan[1])
+
+    indexed: dict[str, IndexedDataset] = {}
+
+    def open_indexed(prefix):
+        if prefix not in indexed:
+            indexed[prefix] = IndexedDataset(prefix)
+        return indexed[prefix]
+
+    # Plan every dataset first (cheap: identities and sizes), then build the index arrays, the slow
+    # part, on a small thread pool: the blends only need the datasets' lengths, not their indices.
+    jobs = []
+    results = [None, None, None]
+    for i, prefixes, weights, (lo, hi), text, matrix in plans:
+        config = gd.IndexConfig(seed=seed, seq_length=seq_length, split=text, matrix=matrix, tokenizer=tok, cache_dir=cache_dir)
+        name = gd.SPLIT_NAMES[i]
+        if len(prefixes) == 1:
+            ds = gd.GPTDataset.planned(open_indexed(prefixes[0]), prefixes[0], lo, hi, sizes[i], name, config)
+            jobs.append(ds.build)
+            results[i] = ds
+            continue
+        if weights is not None:
+            norm = gd.normalize(weights)
+            target = _size_per_dataset(norm, sizes[i])
+            buffer = _size_per_dataset(norm, sizes[i], MID_LEVEL_DATASET_SURPLUS)
+            parts = [
+                gd.GPTDataset.planned(open_indexed(p), p, lo, hi, n, name, config) for p, n in zip(prefixes, buffer)
+            ]
+            blend_weights, blend_size = norm, sum(target)
+        else:
+            parts = [gd.GPTDataset.planned(open_indexed(p), p, lo, hi, None, name, config) for p in prefixes]
+            blend_weights = [len(ds) for ds in parts]
+            blend_size = min(sizes[i], sum(blend_weights))
+        jobs += [ds.build for ds in parts]
+        blended = _PlannedBlend(parts, blend_weights, blend_size, name, cache_dir)
+        jobs.insert(0, blended.build)  # the longest job first
+        results[i] = blended
+    _run(jobs, num_threads)
+    out = []
+    for r in results:
+        if isinstance(r, _PlannedBlend):
+            r = r.dataset
+            r.check_sizes()
+        out.append(r)
+    return tuple(out)
+
+
+SPLIT_LABELS = ("train", "validation", "test")
+
+
+class _TokenizerIdentifiers:
+    """Stands for Megatron's tokenizer in the description: serialised as its `unique_identifiers`."""
+
+    def __init__(self, tokenizer):
+        ids = getattr(tokenizer, "unique_identifiers", tokenizer)
+        self.unique_identifiers = dict(ids) if isinstance(ids, dict) else ids
+
+
+class _PlannedBlend:
+    def __init__(self, parts, weights, size, split, cache_dir):
+        self.args = (parts, weights, size, split, cache_dir)
+        self.dataset = None
+
+    def build(self):
+        self.dataset = BlendedDataset(*self.args)
+
+
+def _run(jobs, num_threads: int) -> None:
+    if num_threads <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            job()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        for future in [pool.submit(job) for job in jobs]:
+            future.result()
