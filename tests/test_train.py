@@ -90,7 +90,8 @@ def test_train_logs_the_seed_lines_and_loss_falls(baseline_run):
     assert losses[0] > 10.0  # ln(50257) = 10.8 at init
     assert losses[-1] < losses[0] - 1.0
     vals = [m for m in map(VAL_LINE.search, out.splitlines()) if m]
-    assert [int(m.group(1)) for m in vals] == [4, 8, 12]
+    # Every val_every_steps (4) and, as the seed's StepScheduler does, on checkpoint steps (6, 12).
+    assert [int(m.group(1)) for m in vals] == [4, 6, 8, 12]
     assert all(int(m.group(4)) == VAL_SAMPLES * SEQ for m in vals)
     assert "Trainable parameters:" in out and "Param L2 norm:" in out
 
