@@ -113,18 +113,30 @@ def test_cache_hit_reads_same_arrays_and_config_change_misses(corpus, tmp_path):
     first = build_gpt_datasets(corpus, **kw)[0]
     files = set(M.list_cache(str(tmp_path / "c")))
     again = build_gpt_datasets(corpus, **kw)[0]
-    assert isinstance(again.shuffle_index, np.memmap)
+    assert isinstance(again.shuffle_index, gd.MappedArray)
     assert set(M.list_cache(str(tmp_path / "c"))) == files
     np.testing.assert_array_equal(first.get_batch(np.arange(50))["input_ids"], again.get_batch(np.arange(50))["input_ids"])
     build_gpt_datasets(corpus, **{**kw, "seed": 6})
     assert len(set(M.list_cache(str(tmp_path / "c"))) - files) == 4  # a new description, a new hash
 
 
+def test_pickles_cached_indices_as_file_names(corpus, tmp_path):
+    import pickle
+
+    ds = build_gpt_datasets(corpus, seq_length=16, split="969, 30, 1", seed=1, num_samples=(300, 0, 0),
+                            cache_dir=str(tmp_path / "c"))[0]
+    blob = pickle.dumps(ds)
+    assert len(blob) < 20_000  # no index arrays inside
+    back = pickle.loads(blob)
+    np.testing.assert_array_equal(back.get_batch(np.arange(40))["input_ids"], ds.get_batch(np.arange(40))["input_ids"])
+    assert pickle.loads(pickle.dumps(ds.shuffle_index[:5])).tolist() == ds.shuffle_index[:5].tolist()
+
+
 def test_in_memory_without_cache_dir(corpus, tmp_path):
     ours = build_gpt_datasets(corpus, seq_length=16, split="969, 30, 1", seed=1234, num_samples=(300, 0, 0))[0]
     cached = build_gpt_datasets(corpus, seq_length=16, split="969, 30, 1", seed=1234, num_samples=(300, 0, 0),
                                 cache_dir=str(tmp_path / "c"))[0]
-    assert not isinstance(ours.shuffle_index, np.memmap)
+    assert not isinstance(ours.shuffle_index, gd.MappedArray)
     np.testing.assert_array_equal(ours.shuffle_index, cached.shuffle_index)
 
 
@@ -160,7 +172,7 @@ def test_concurrent_processes_build_once(corpus, tmp_path):
     results = [out.split() for out, _ in outs]
     assert sorted(int(r[0]) for r in results) == [0, 1]  # exactly one process built
     assert results[0][1] == results[1][1]
-    assert {r[2] for r in results} == {"memmap"}
+    assert {r[2] for r in results} == {"MappedArray"}
     leftovers = [n for n in os.listdir(tmp_path / "shared") if n.startswith(".tmp-")]
     assert not leftovers
 

@@ -83,25 +83,53 @@ def _greedy_steps(w: np.ndarray, counts: np.ndarray, start: int, stop: int, out_
     counts[:] = c
 
 
-def _push_targets(w, ids, ms, g, k, at, skip, window=8):
+_PUSH_WINDOWS = (8, 32, _PUSH)
+
+
+def _push_targets(w, ids, ms, g, own, nxt, at, skip=None, stage=0):
     """For the sample at each position in `at`: the first later position p where it would beat the
-    sample that then sits at p (the one at p + 1, or at p while p is before `skip`, a position about
-    to be vacated). Tries a short window first, the long one only for the rest."""
-    e_id, e_m = ids[at], ms[at]
+    sample that then sits at p: the one at p + 1 (deficit `nxt[p]` at step p), or, while p is before
+    `skip` (a position about to be vacated), the one at p (`own[p]`). Short windows first, longer ones
+    only for the samples not placed yet."""
+    k = len(ids)
+    window = _PUSH_WINDOWS[stage]
+    e_id = ids[at]
     p = at[:, None] + np.arange(1, window + 1)[None, :]
-    elem = p + 1 if skip is None else np.where(p < skip[:, None], p, p + 1)
-    off = elem >= k
     pc = np.minimum(p, k - 1)
-    ec = np.minimum(elem, k - 1)
-    theirs = w[ids[ec]] * g[pc] - ms[ec]
-    mine = w[e_id][:, None] * g[pc] - e_m[:, None]
-    beat = (mine > theirs) | ((mine == theirs) & (e_id[:, None] < ids[ec])) | off
+    if skip is None:
+        theirs, their_pos, off = nxt[pc], np.minimum(pc + 1, k - 1), p + 1 >= k
+    else:
+        before = p < skip[:, None]
+        theirs = np.where(before, own[pc], nxt[pc])
+        their_pos = np.where(before, pc, np.minimum(pc + 1, k - 1))
+        off = np.where(before, p, p + 1) >= k
+    mine = w[e_id][:, None] * g[pc] - ms[at][:, None]
+    beat = (mine > theirs) | off
+    tie = mine == theirs
+    if tie.any():
+        beat |= tie & (e_id[:, None] < ids[their_pos])
     found = beat.any(axis=1)
     v = at + 1 + np.where(found, beat.argmax(axis=1), window - 1)
-    if window < _PUSH and not found.all():
+    if stage + 1 < len(_PUSH_WINDOWS) and not found.all():
         far = np.flatnonzero(~found)
-        v[far] = _push_targets(w, ids, ms, g, k, at[far], None if skip is None else skip[far], _PUSH)
+        v[far] = _push_targets(w, ids, ms, g, own, nxt, at[far], None if skip is None else skip[far], stage + 1)
     return np.minimum(v, k - 1)
+
+
+def _deficits(w, ids, ms, g, at=None):
+    """(own, nxt): each sample's deficit at its step, and its successor's deficit at that step, as
+    Megatron computes them; for all positions or, into existing arrays, for the positions `at`."""
+    k = len(ids)
+    if at is None:
+        own = w[ids] * g - ms
+        nxt = np.full(k, -np.inf)
+        nxt[:-1] = w[ids[1:]] * g[:-1] - ms[1:]
+        return own, nxt
+    own, nxt, at = at
+    own[at] = w[ids[at]] * g[at] - ms[at]
+    inner = at[at < k - 1]
+    nxt[inner] = w[ids[inner + 1]] * g[inner] - ms[inner + 1]
+    return own, nxt
 
 
 def _rearrange(ids, ms, t, end, sources):
@@ -168,21 +196,20 @@ def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, n
         ms = all_ms[:k].copy()
 
         # 2. pre-pass: defer a sample its successor beats
-        dirty = None
+        own, nxt = _deficits(w, ids, ms, g)
+        look = None
+        neighbours_ok = False
         for _ in range(_PRE_ROUNDS):
-            if dirty is None:
-                mine = w[ids[:-1]] * g[:-1] - ms[:-1]
-                theirs = w[ids[1:]] * g[:-1] - ms[1:]
-                lose = (theirs > mine) | ((theirs == mine) & (ids[1:] < ids[:-1]))
+            if look is None:
+                lose = (nxt > own) | ((nxt == own) & (np.append(ids[1:], n) < ids))
                 wrong = np.flatnonzero(lose)
             else:
-                look = np.flatnonzero(dirty[:k - 1])
-                mine = w[ids[look]] * g[look] - ms[look]
-                theirs = w[ids[look + 1]] * g[look] - ms[look + 1]
-                wrong = look[(theirs > mine) | ((theirs == mine) & (ids[look + 1] < ids[look]))]
+                lose = (nxt[look] > own[look]) | ((nxt[look] == own[look]) & (ids[np.minimum(look + 1, k - 1)] < ids[look]))
+                wrong = look[lose & (look < k - 1)]
             if not len(wrong):
+                neighbours_ok = True  # every sample beats its successor (as Megatron compares)
                 break
-            v = _push_targets(w, ids, ms, g, k, wrong, None)
+            v = _push_targets(w, ids, ms, g, own, nxt, wrong)
             prev_end = np.maximum.accumulate(np.concatenate(([-1], v[:-1])))
             take = wrong > prev_end
             t, vv = wrong[take], v[take]
@@ -194,10 +221,12 @@ def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, n
 
             flat, _ = _rearrange(ids, ms, t, vv, shift_left)
             # only around the moved windows can a new neighbour conflict appear
-            dirty = np.zeros(k + 1, dtype=bool)
+            dirty = np.zeros(k, dtype=bool)
             dirty[flat] = True
             dirty[np.maximum(flat - 1, 0)] = True
             dirty[wrong[~take]] = True
+            look = np.flatnonzero(dirty)
+            _deficits(w, ids, ms, g, (own, nxt, look))
 
         # 3. proof by bounds
         tail = min(total - k, _LOOK + 1)
@@ -206,9 +235,9 @@ def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, n
         ext_w = w_ext[ext_id]
         ext_key = inv_ext[ext_id] * ext_m
         ext_key[k + tail:] = beyond
-        own = w[ids] * g - ms  # bit-exact: the same two double operations as the C++
         safe = np.ones(k, dtype=bool)
         ties = (ext_key[1:] == ext_key[:-1]) & (ext_w[1:] == ext_w[:-1])
+        everyone = slice(0, k)
         if ties.any():
             # a run: equal key and weight (so equal deficits), ascending index; only its first can win
             first = np.ones(len(ext_id), dtype=bool)
@@ -217,22 +246,30 @@ def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, n
             run_of = np.cumsum(first[:k]) - 1
             last_run = len(run_first) - 1
             later = [run_first[np.minimum(run_of + d, last_run)] for d in range(1, _LOOK + 2)]
+            checks = [(everyone, p) for p in later[:-1]]
         else:
             later = [slice(d, d + k) for d in range(1, _LOOK + 2)]
-        for p in later[:-1]:
-            theirs = ext_w[p] * g - ext_m[p]
-            safe &= (own > theirs) | ((own == theirs) & (ids < ext_id[p]))
+            checks = [(everyone, p) for p in later[:-1]]
+            if neighbours_ok:
+                # the pre-pass compared every sample with its successor in the chunk; left: the last one's
+                checks[0] = (slice(k - 1, k), slice(k, k + 1))
+        for mine_at, p in checks:
+            theirs = ext_w[p] * g[mine_at] - ext_m[p]
+            mine = own[mine_at]
+            safe[mine_at] &= (mine > theirs) | ((mine == theirs) & (ids[mine_at] < ext_id[p]))
         # everything after those: per weight class, a deficit is at most w_max * (s - smallest key)
         p = later[-1]
         rest = np.full(k, -np.inf)
         far_ids = all_ids[k + tail:]
         far_keys = inv[far_ids] * all_ms[k + tail:]
+        ext_cls = cls_ext[ext_id]
         for c, c_max, c_min in classes:
-            key_c = np.where(cls_ext[ext_id] == c, ext_key, np.inf)
+            key_c = np.where(ext_cls == c, ext_key, np.inf)
             in_c = cls[far_ids] == c
             key_c[k + tail:] = min(beyond, float(far_keys[in_c].min())) if in_c.any() else beyond
             x = g - np.minimum.accumulate(key_c[::-1])[::-1][p]
-            np.maximum(rest, np.where(x >= 0, c_max * x, c_min * x), out=rest)
+            # w * x is largest at w = c_max when x >= 0, at w = c_min when x < 0
+            np.maximum(rest, np.maximum(c_max * x, c_min * x), out=rest)
         safe &= own - rest > _MARGIN * (g + 2.0)
         check = np.flatnonzero(~safe)
 
@@ -265,7 +302,8 @@ def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, n
                 check = check[:0]
                 break
             uc = np.minimum(u, k - 1)
-            v = _push_targets(w, ids, ms, g, k, wrong, uc)
+            own_r, nxt_r = _deficits(w, ids, ms, g)
+            v = _push_targets(w, ids, ms, g, own_r, nxt_r, wrong, uc)
             end = np.maximum(uc, v)
             prev_end = np.maximum.accumulate(np.concatenate(([-1], end[:-1])))
             take = (wrong > prev_end) & (u < k)
@@ -418,13 +456,17 @@ def _check_prefixes(prefixes) -> None:
 
 class BlendedDataset:
     """Megatron's BlendedDataset: sample i is sample `dataset_sample_index[i]` of dataset
-    `dataset_index[i]`; the indices are cached as `{md5}-BlendedDataset-{split}-*`."""
+    `dataset_index[i]`; the indices are cached as `{md5}-BlendedDataset-{split}-*`.
 
-    def __init__(self, datasets, weights, size: int, split: str, cache_dir: str | None, build=None):
+    The constructor plans (identity, cache name); `build()` makes or loads the indices.
+    """
+
+    def __init__(self, datasets, weights, size: int, split: str, cache_dir: str | None):
         self.datasets = list(datasets)
         self.weights = gd.normalize(weights)
         self.size = int(size)
         self.split = split
+        self.cache_dir = cache_dir
         self.seq_length = self.datasets[0].seq_length
         self.unique_identifiers = {
             "class": "BlendedDataset",
@@ -435,41 +477,37 @@ class BlendedDataset:
         }
         self.unique_description = gd.describe(self.unique_identifiers)
         self.unique_description_hash = gd.description_hash(self.unique_description)
-        base = f"{self.unique_description_hash}-BlendedDataset-{split}"
-        arrays = gd.cached_arrays(
-            cache_dir, base, ("dataset_index", "dataset_sample_index"), self.unique_description,
-            build or self.build_indices,
-        )
+        self.cache_base = f"{self.unique_description_hash}-BlendedDataset-{split}"
+        self.dataset_index = self.dataset_sample_index = None
+
+    _NAMES = ("dataset_index", "dataset_sample_index")
+
+    def is_cached(self) -> bool:
+        return gd.cache_complete(self.cache_dir, self.cache_base, self._NAMES)
+
+    def build(self, compute=None) -> "BlendedDataset":
+        """`compute()` -> (dataset_index, dataset_sample_index) replaces the in-process computation
+        (the builder passes a background process's result)."""
+
+        def make():
+            dataset_index, dataset_sample_index = (compute or (lambda: blending_indices(self.weights, self.size)))()
+            # Megatron's guard (checked when built; a cache hit was checked when it was written)
+            self._check_sizes(dataset_index, dataset_sample_index)
+            return {"dataset_index": dataset_index, "dataset_sample_index": dataset_sample_index}
+
+        arrays = gd.cached_arrays(self.cache_dir, self.cache_base, self._NAMES, self.unique_description, make)
         self.dataset_index = arrays["dataset_index"]
         self.dataset_sample_index = arrays["dataset_sample_index"]
+        return self
 
-    def build_indices(self) -> dict:
-        dataset_index, dataset_sample_index = blending_indices(self.weights, self.size)
-        return {"dataset_index": dataset_index, "dataset_sample_index": dataset_sample_index}
-
-    def check_sizes(self) -> None:
-        """Megatron's guard: the blend must not draw more samples from a dataset than it holds."""
-        drawn = np.bincount(np.asarray(self.dataset_index), minlength=len(self.datasets))
+    def _check_sizes(self, dataset_index, dataset_sample_index) -> None:
+        drawn = _draws_per_dataset(dataset_index, dataset_sample_index, len(self.datasets))
         for ds, n in zip(self.datasets, drawn):
             if n > len(ds):
                 raise UserError(
                     f"{ds.dataset_path}: the {self.split} blend draws {n} samples from it but it holds {len(ds)} "
                     f"(Megatron's mid_level_dataset_surplus {MID_LEVEL_DATASET_SURPLUS} is too small for these weights)"
                 )
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        for name in ("dataset_index", "dataset_sample_index"):
-            if isinstance(state[name], np.memmap):
-                state[name] = ("mmap", state[name].filename)
-        return state
-
-    def __setstate__(self, state):
-        for name in ("dataset_index", "dataset_sample_index"):
-            value = state[name]
-            if isinstance(value, tuple) and value and value[0] == "mmap":
-                state[name] = np.load(value[1], allow_pickle=True, mmap_mode="r")
-        self.__dict__.update(state)
 
     def __len__(self) -> int:
         return self.size
@@ -496,6 +534,24 @@ class BlendedDataset:
         return out
 
 
+def _draws_per_dataset(dataset_index, dataset_sample_index, n: int) -> np.ndarray:
+    """How many samples the blend takes from each dataset: 1 + the sample index at its last draw,
+    found from the end backwards (every dataset shows up near the end of a blend)."""
+    draws = np.zeros(n, dtype=np.int64)
+    seen = np.zeros(n, dtype=bool)
+    end, window = len(dataset_index), 4096
+    while end > 0 and not seen.all():
+        start = max(0, end - window)
+        ids = np.asarray(dataset_index[start:end])[::-1]
+        samples = np.asarray(dataset_sample_index[start:end])[::-1]
+        found, last = np.unique(ids, return_index=True)
+        new = ~seen[found]
+        draws[found[new]] = samples[last[new]] + 1
+        seen[found[new]] = True
+        end, window = start, window * 2
+    return draws
+
+
 # == The builder ====================================================================================
 
 
@@ -514,7 +570,7 @@ def build_gpt_datasets(
     cache_dir: str | None = None,
     splits_to_build=None,
     tokenizer=None,
-    num_threads: int = 2,
+    background_blend: bool | None = None,
 ):
     """(train, valid, test): each a dataset with `len()`, `ds[i]` and `ds.get_batch(indices)`, or None.
 
@@ -523,9 +579,12 @@ def build_gpt_datasets(
     `splits_to_build` ("train" / "validation" / "test" or a list) restricts further. `cache_dir` is
     the index cache (Megatron's `path_to_cache`; None: build in memory). `tokenizer`: the identifiers
     Megatron records for the tokenizer (its `unique_identifiers`); only the cache names depend on it,
-    the samples do not. `num_threads` > 1 builds datasets and blends side by side (numpy and the
-    shuffles release the GIL).
+    the samples do not. `background_blend`: compute large blending indices in a child process while
+    this one builds the datasets (two cores instead of one; the result is the same); None: only when
+    this process may use more than two cores (on two busy cores the child mostly competes).
     """
+    if background_blend is None:
+        background_blend = len(os.sched_getaffinity(0)) > 2 if hasattr(os, "sched_getaffinity") else False
     if not isinstance(seq_length, int) or seq_length < 1:
         raise UserError(f"dataset.seq_length: must be a positive integer, got {seq_length!r}")
     sizes = list(num_samples) if num_samples is not None else []
@@ -574,42 +633,96 @@ def build_gpt_datasets(
             indexed[prefix] = IndexedDataset(prefix)
         return indexed[prefix]
 
-    # Plan every dataset first (cheap: identities and sizes), then build the index arrays, the slow
-    # part, on a small thread pool: the blends only need the datasets' lengths, not their indices.
+    # Plan every dataset first (cheap: identities and sizes), then build the index arrays. A blend
+    # needs only the datasets' lengths, so a large one starts at once in a child process.
     jobs = []
+    children = []
     results = [None, None, None]
-    for i, prefixes, weights, (lo, hi), text, matrix in plans:
-        config = gd.IndexConfig(seed=seed, seq_length=seq_length, split=text, matrix=matrix, tokenizer=tok, cache_dir=cache_dir)
-        name = gd.SPLIT_NAMES[i]
-        if len(prefixes) == 1:
-            ds = gd.GPTDataset.planned(open_indexed(prefixes[0]), prefixes[0], lo, hi, sizes[i], name, config)
-            jobs.append(ds.build)
-            results[i] = ds
-            continue
-        if weights is not None:
-            norm = gd.normalize(weights)
-            target = _size_per_dataset(norm, sizes[i])
-            buffer = _size_per_dataset(norm, sizes[i], MID_LEVEL_DATASET_SURPLUS)
-            parts = [
-                gd.GPTDataset.planned(open_indexed(p), p, lo, hi, n, name, config) for p, n in zip(prefixes, buffer)
-            ]
-            blend_weights, blend_size = norm, sum(target)
-        else:
-            parts = [gd.GPTDataset.planned(open_indexed(p), p, lo, hi, None, name, config) for p in prefixes]
-            blend_weights = [len(ds) for ds in parts]
-            blend_size = min(sizes[i], sum(blend_weights))
-        jobs += [ds.build for ds in parts]
-        blended = _PlannedBlend(parts, blend_weights, blend_size, name, cache_dir)
-        jobs.insert(0, blended.build)  # the longest job first
-        results[i] = blended
-    _run(jobs, num_threads)
-    out = []
-    for r in results:
-        if isinstance(r, _PlannedBlend):
-            r = r.dataset
-            r.check_sizes()
-        out.append(r)
+    try:
+        for i, prefixes, weights, (lo, hi), text, matrix in plans:
+            config = gd.IndexConfig(seed=seed, seq_length=seq_length, split=text, matrix=matrix, tokenizer=tok, cache_dir=cache_dir)
+            name = gd.SPLIT_NAMES[i]
+            if len(prefixes) == 1:
+                ds = gd.GPTDataset.planned(open_indexed(prefixes[0]), prefixes[0], lo, hi, sizes[i], name, config)
+                jobs.append(ds.build)
+                results[i] = ds
+                continue
+            if weights is not None:
+                norm = gd.normalize(weights)
+                target = _size_per_dataset(norm, sizes[i])
+                buffer = _size_per_dataset(norm, sizes[i], MID_LEVEL_DATASET_SURPLUS)
+                parts = [
+                    gd.GPTDataset.planned(open_indexed(p), p, lo, hi, n, name, config) for p, n in zip(prefixes, buffer)
+                ]
+                blend_weights, blend_size = norm, sum(target)
+            else:
+                parts = [gd.GPTDataset.planned(open_indexed(p), p, lo, hi, None, name, config) for p in prefixes]
+                blend_weights = [len(ds) for ds in parts]
+                blend_size = min(sizes[i], sum(blend_weights))
+            jobs += [ds.build for ds in parts]
+            blended = BlendedDataset(parts, blend_weights, blend_size, name, cache_dir)
+            background = None
+            if background_blend and blend_size >= _BACKGROUND_BLEND_MIN and not blended.is_cached():
+                background = _BlendProcess(blended.weights, blended.size)  # starts now, runs meanwhile
+                children.append(background)
+            results[i] = (blended, background)
+        for job in jobs:
+            job()
+        out = []
+        for r in results:
+            if isinstance(r, tuple):
+                blended, background = r
+                r = blended.build(background.result if background else None)
+            out.append(r)
+    finally:
+        for child in children:
+            child.stop()
     return tuple(out)
+
+
+# Blends at least this large are computed in a child process while this one builds the datasets.
+_BACKGROUND_BLEND_MIN = 1 << 20
+
+
+class _BlendProcess:
+    """`blending_indices(weights, size)` in a fresh Python process (not multiprocessing: that would
+    re-import the caller's main module); the result comes back as .npy files."""
+
+    def __init__(self, weights, size: int):
+        import subprocess
+        import sys
+        import tempfile
+
+        self.dir = tempfile.mkdtemp(prefix="jaxpretrain-blend-")
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        request = json.dumps({"weights": list(weights), "size": int(size), "out": self.dir})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from jaxpretrain.data.blend import _blend_child; _blend_child(sys.argv[1])",
+             request],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+
+    def result(self):
+        _, err = self.proc.communicate()
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"blending subprocess failed ({self.proc.returncode}): {err.decode()[-2000:]}")
+        return tuple(np.load(os.path.join(self.dir, f"{name}.npy")) for name in BlendedDataset._NAMES)
+
+    def stop(self) -> None:
+        import shutil
+
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _blend_child(request: str) -> None:
+    args = json.loads(request)
+    arrays = blending_indices(args["weights"], args["size"])
+    for name, array in zip(BlendedDataset._NAMES, arrays):
+        np.save(os.path.join(args["out"], f"{name}.npy"), array)
 
 
 SPLIT_LABELS = ("train", "validation", "test")
@@ -623,22 +736,3 @@ class _TokenizerIdentifiers:
         self.unique_identifiers = dict(ids) if isinstance(ids, dict) else ids
 
 
-class _PlannedBlend:
-    def __init__(self, parts, weights, size, split, cache_dir):
-        self.args = (parts, weights, size, split, cache_dir)
-        self.dataset = None
-
-    def build(self):
-        self.dataset = BlendedDataset(*self.args)
-
-
-def _run(jobs, num_threads: int) -> None:
-    if num_threads <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            job()
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=num_threads) as pool:
-        for future in [pool.submit(job) for job in jobs]:
-            future.result()

@@ -138,6 +138,8 @@ def build_sample_index(
     top = max(len(document_index), int(sizes.max()) if len(sizes) else 0)
     dtype = np.int32 if top <= np.iinfo(np.int32).max else np.int64
 
+    if len(document_index) * 2 > len(sizes):
+        sizes = np.array(sizes)  # dense access: read the (mmap'd) lengths once, sequentially
     lengths = sizes[document_index]
     bounds = np.empty(len(lengths) + 1, dtype=np.int64)
     bounds[0] = 0
@@ -146,7 +148,8 @@ def build_sample_index(
     firsts = bounds + (seq_length - 1)
     firsts //= seq_length
     per_doc = np.diff(firsts)
-    docs = np.repeat(np.arange(len(lengths), dtype=np.int64), per_doc)[: num_samples + 1]
+    positions = np.arange(len(lengths), dtype=np.int32 if len(lengths) < 2**31 else np.int64)
+    docs = np.repeat(positions, per_doc)[: num_samples + 1]
     out = np.empty((num_samples + 1, 2), dtype=dtype)
     filled = len(docs)
     out[:filled, 0] = docs
@@ -178,13 +181,18 @@ def _save_atomic(path: str, write: Callable) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # readers see all of a file or none (no fsync: a cache can be rebuilt)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def cache_complete(cache_dir: str | None, base: str, names: Sequence[str]) -> bool:
+    if cache_dir is None:
+        return False
+    files = [f"{base}-description.txt"] + [f"{base}-{name}.npy" for name in names]
+    return all(os.path.isfile(os.path.join(cache_dir, f)) for f in files)
 
 
 def cached_arrays(
@@ -200,8 +208,7 @@ def cached_arrays(
         return build()
     paths = {name: os.path.join(cache_dir, f"{base}-{name}.npy") for name in names}
     description_path = os.path.join(cache_dir, f"{base}-description.txt")
-    every = [description_path, *paths.values()]
-    if not all(map(os.path.isfile, every)):
+    if not cache_complete(cache_dir, base, names):
         from filelock import FileLock
 
         try:
@@ -209,7 +216,7 @@ def cached_arrays(
         except OSError as e:
             raise UserError(f"{cache_dir}: cannot create the index cache directory ({e.strerror})") from None
         with FileLock(os.path.join(cache_dir, f"{base}.lock")):
-            if not all(map(os.path.isfile, every)):
+            if not cache_complete(cache_dir, base, names):
                 arrays = build()
                 try:
                     for name, path in paths.items():
@@ -217,7 +224,29 @@ def cached_arrays(
                     _save_atomic(description_path, lambda f: f.write(description.encode("utf-8")))
                 except OSError as e:
                     raise UserError(f"{cache_dir}: cannot write the index cache ({e.strerror})") from None
-    return {name: np.load(path, allow_pickle=True, mmap_mode="r") for name, path in paths.items()}
+    return {name: load_mapped(path) for name, path in paths.items()}
+
+
+class MappedArray(np.ndarray):
+    """A read-only mmap of a cached .npy as a plain ndarray (no np.memmap overhead per access), which
+    pickles as its file name, so worker processes map the same file instead of copying it."""
+
+    filename = None
+
+    def __array_finalize__(self, obj):
+        self.filename = None  # slices and results are not the file
+
+    def __reduce__(self):
+        if self.filename is None:
+            return np.asarray(self).__reduce__()
+        return load_mapped, (self.filename,)
+
+
+def load_mapped(path: str) -> np.ndarray:
+    mapped = np.load(path, allow_pickle=True, mmap_mode="r")
+    array = mapped.view(MappedArray)
+    array.filename = path
+    return array
 
 
 # -- the dataset ------------------------------------------------------------------------------------
@@ -311,7 +340,6 @@ class GPTDataset:
         self.shuffle_index = arrays["shuffle_index"]
         if self.sample_index.shape[0] - 1 != self._length:
             raise UserError(f"{self.config.cache_dir}: index cache {self.cache_base} does not match its description")
-        self._open_tokens()
         return self
 
     def _build_indices(self) -> dict:
@@ -338,32 +366,22 @@ class GPTDataset:
         return {"document_index": document_index, "sample_index": sample_index, "shuffle_index": shuffle_index}
 
     def _open_tokens(self) -> None:
-        # The whole .bin as one flat array (a read-only mmap), so a batch is a few slice copies.
+        # The whole .bin as one flat array (a read-only mmap), so a batch is a few slice copies; opened
+        # on the first read, not while building.
         if os.path.getsize(self.indexed.bin_path):
             self._tokens = np.memmap(self.indexed.bin_path, dtype=self.indexed.dtype, mode="r").view(np.ndarray)
         else:
             self._tokens = np.zeros(0, dtype=self.indexed.dtype)
         self._token_starts = self.indexed.sequence_pointers // self.indexed.dtype.itemsize
 
-    # -- pickling (Grain worker processes): reopen files instead of copying mapped arrays ----------
+    # -- pickling (Grain worker processes): cached indices travel as file names (MappedArray), the
+    # token files are reopened ------------------------------------------------------------------------
 
     def __getstate__(self):
         state = dict(self.__dict__)
         for name in ("_tokens", "_token_starts"):
             state.pop(name, None)
-        for name in ("document_index", "sample_index", "shuffle_index"):
-            array = state[name]
-            if isinstance(array, np.memmap):
-                state[name] = ("mmap", array.filename)
         return state
-
-    def __setstate__(self, state):
-        for name in ("document_index", "sample_index", "shuffle_index"):
-            value = state[name]
-            if isinstance(value, tuple) and value and value[0] == "mmap":
-                state[name] = np.load(value[1], allow_pickle=True, mmap_mode="r")
-        self.__dict__.update(state)
-        self._open_tokens()
 
     # -- reads --------------------------------------------------------------------------------------
 
@@ -376,8 +394,26 @@ class GPTDataset:
             idx += n
         if not 0 <= idx < n:
             raise IndexError(f"sample {idx} out of range for {n} samples")
-        batch = self.get_batch(np.array([idx]))
-        return {key: value[0] for key, value in batch.items()}
+        text = self._read_one(idx)
+        return {"input_ids": text[:-1].copy(), "labels": text[1:].copy()}
+
+    def _read_one(self, idx: int) -> np.ndarray:
+        """One sample with scalar indexing (the vectorised path costs more for a single row)."""
+        if "_tokens" not in self.__dict__:
+            self._open_tokens()
+        row = int(self.shuffle_index[idx])
+        first, begin = (int(x) for x in self.sample_index[row])
+        last, end = (int(x) for x in self.sample_index[row + 1])
+        out = np.empty(self.seq_length + 1, dtype=np.int32)
+        at = 0
+        for position in range(first, last + 1):
+            doc = int(self.document_index[position])
+            start = begin if position == first else 0
+            stop = end + 1 if position == last else int(self.indexed.sequence_lengths[doc])
+            pointer = int(self._token_starts[doc]) + start
+            out[at:at + stop - start] = self._tokens[pointer:pointer + stop - start]
+            at += stop - start
+        return out
 
     def get_batch(self, indices) -> dict:
         """`{"input_ids", "labels"}` as int32 `[len(indices), seq_length]` for these sample indices."""
@@ -392,6 +428,10 @@ class GPTDataset:
             out = np.empty((len(indices), width), dtype=np.int32)
         if not len(indices):
             return out
+        if "_tokens" not in self.__dict__:
+            self._open_tokens()
+        if indices.min() < 0 or indices.max() >= len(self):
+            raise IndexError(f"sample indices outside [0, {len(self)})")
         rows = np.asarray(self.shuffle_index[indices], dtype=np.int64)
         begin = np.asarray(self.sample_index[rows], dtype=np.int64)
         end = np.asarray(self.sample_index[rows + 1], dtype=np.int64)
