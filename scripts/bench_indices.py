@@ -137,7 +137,8 @@ def loader_rate(n, **kw):
     go()
     return (n - 1) / go()
 print(json.dumps({"single_samples_per_s": single, "batch_samples_per_s": batch,
-    "loader_batches_per_s": loader_rate(100), "loader_batches_per_s_no_prefetch": loader_rate(100, prefetch_buffer_size=0)}))
+    "loader_batches_per_s": loader_rate(100),
+    "loader_batches_per_s_no_prefetch": loader_rate(100, prefetch_buffer_size=0)}))
 """
 
 
@@ -153,7 +154,8 @@ def run(script: str, env_extra=None, **values) -> dict:
 
 def same_cache(a: str, b: str) -> bool:
     files = lambda d: sorted(f for f in os.listdir(d) if f.endswith((".npy", ".txt")))
-    return files(a) == files(b) and all(filecmp.cmp(os.path.join(a, f), os.path.join(b, f), shallow=False) for f in files(a))
+    same = lambda f: filecmp.cmp(os.path.join(a, f), os.path.join(b, f), shallow=False)
+    return files(a) == files(b) and all(same(f) for f in files(a))
 
 
 def main() -> None:
@@ -189,7 +191,8 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}, numpy {np.__version__}, {platform.machine()}, "
           f"{len(os.sched_getaffinity(0))} cpus, load average {os.getloadavg()[0]:.2f}")
     print(f"caches identical file by file (names and bytes): {identical}")
-    print(f"lengths: {rows['jaxpretrain'][0]['lengths']} (megatron-core: {rows['megatron-core (C++ helpers)'][0]['lengths']})")
+    mega_lengths = rows["megatron-core (C++ helpers)"][0]["lengths"]
+    print(f"lengths: {rows['jaxpretrain'][0]['lengths']} (megatron-core: {mega_lengths})")
     print("| | build (median) | all runs | whole process (median) | peak RSS |")
     print("|---|---|---|---|---|")
     for name, results in rows.items():

@@ -27,7 +27,9 @@ class FakeTokenizer:
         self.unique_identifiers = {"class": "FakeTokenizer", "name": name}
 
 
-def write_corpus(prefix: str, num_docs: int, *, seed: int, mean_length: int = 40, vocab: int = 1000, empty_every: int = 0):
+def write_corpus(
+    prefix: str, num_docs: int, *, seed: int, mean_length: int = 40, vocab: int = 1000, empty_every: int = 0
+):
     """A random `.bin/.idx` pair (uint16) written by megatron-core's own builder; returns the lengths."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 

@@ -191,11 +191,9 @@ def test_error_glob_matches_other_files(prefixes, tmp_path):
         build_gpt_datasets(str(tmp_path / "a_*"), seq_length=8, num_samples=(10, 0, 0))
 
 
-@pytest.mark.parametrize("weights", [["x", "y"], ["0", "-1"], ["0", "1"], ["nan", "1"]])
+@pytest.mark.parametrize("weights", [("x", "2"), ("0", "-1"), ("0", "1"), ("nan", "1"), ("inf", "1")])
 def test_error_bad_weights(prefixes, weights):
-    paths = [weights[0], prefixes[0], "2", prefixes[1]] if weights != ["x", "y"] else ["x", prefixes[0], "2", prefixes[1]]
-    if weights in (["0", "-1"], ["0", "1"]):
-        paths = [weights[0], prefixes[0], weights[1], prefixes[1]]
+    paths = [weights[0], prefixes[0], weights[1], prefixes[1]]
     with pytest.raises(UserError, match="weight"):
         build_gpt_datasets(paths, seq_length=8, num_samples=(10, 0, 0))
 

@@ -115,7 +115,8 @@ def test_cache_hit_reads_same_arrays_and_config_change_misses(corpus, tmp_path):
     again = build_gpt_datasets(corpus, **kw)[0]
     assert isinstance(again.shuffle_index, gd.MappedArray)
     assert set(M.list_cache(str(tmp_path / "c"))) == files
-    np.testing.assert_array_equal(first.get_batch(np.arange(50))["input_ids"], again.get_batch(np.arange(50))["input_ids"])
+    np.testing.assert_array_equal(first.get_batch(np.arange(50))["input_ids"],
+                                  again.get_batch(np.arange(50))["input_ids"])
     build_gpt_datasets(corpus, **{**kw, "seed": 6})
     assert len(set(M.list_cache(str(tmp_path / "c"))) - files) == 4  # a new description, a new hash
 

@@ -12,7 +12,7 @@ import pytest
 
 import megatron_reference as M
 from jaxpretrain.data import build_gpt_datasets
-from jaxpretrain.data.loader import loader_checkpoint_args, loader_restore_args, make_loader
+from jaxpretrain.data.loader import loader_checkpoint_args, make_loader
 from jaxpretrain.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -33,6 +33,7 @@ from jaxpretrain.errors import UserError
 MID_LEVEL_DATASET_SURPLUS = 0.005
 
 _PATH_SPLIT_KEYS = {"train": 0, "validation": 1, "valid": 1, "test": 2}
+SPLIT_LABELS = ("train", "validation", "test")
 
 
 # == Blending indices ===============================================================================
@@ -146,39 +147,77 @@ def _rearrange(ids, ms, t, end, sources):
 def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
     """Megatron's `(dataset_index int16[size], dataset_sample_index int64[size])` for these weights."""
     w = np.asarray(weights, dtype=np.float64)
-    n = len(w)
     out_ds = np.empty(size, dtype=np.int16)
     out_k = np.empty(size, dtype=np.int64)
-    counts = np.zeros(n, dtype=np.int64)
-    if n == 1:
+    if len(w) == 1:
         out_ds[:] = 0
         out_k[:] = np.arange(size)
         return out_ds, out_k
-    head = min(size, 2)  # samples 0 and 1 both use max(s, 1) = 1
-    _greedy_steps(w, counts, 0, head, out_ds, out_k)
-    s = head
-
-    perm = np.lexsort((np.arange(n), -w))  # candidate order among equal keys
-    w_p = w[perm]
-    inv = 1.0 / w
-    inv_p = inv[perm]
-    # weight classes for the bound on far samples: [w_max/2, w_max], [w_max/4, w_max/2), ...
-    cls = np.minimum(np.floor(np.log2(w.max() / w)), 3).astype(np.int64)
-    classes = [(c, w[cls == c].max(), w[cls == c].min()) for c in range(4) if (cls == c).any()]
-    cls_ext = np.append(cls, -1)
-    w_ext = np.append(w, 0.0)
-    inv_ext = np.append(inv, 0.0)
-
-    chunk, py_run = 1 << 14, 256
+    blender = _Blender(w)
+    counts = np.zeros(len(w), dtype=np.int64)
+    s = min(size, 2)  # samples 0 and 1 both use max(s, 1) = 1: the plain loop
+    _greedy_steps(w, counts, 0, s, out_ds, out_k)
+    chunk, loop_run = 1 << 14, 256
     while s < size:
         k = min(chunk, size - s)
-        g = np.arange(s, s + k, dtype=np.float64)
+        ids, ms, accepted, pick = blender.chunk(counts, s, k)
+        out_ds[s:s + accepted] = ids[:accepted]
+        out_k[s:s + accepted] = ms[:accepted]
+        counts += np.bincount(ids[:accepted], minlength=len(w))
+        s += accepted
+        if pick is not None:
+            out_ds[s], out_k[s] = pick
+            counts[pick[0]] += 1
+            s += 1
+        if accepted == k:
+            chunk = min(_MAX_CHUNK, chunk * 2)
+            if k >= 4096:
+                loop_run = 256
+        elif accepted < 64:  # the candidate keeps failing here: let the plain loop pass this stretch
+            stop = min(size, s + loop_run)
+            _greedy_steps(w, counts, s, stop, out_ds, out_k)
+            s = stop
+            loop_run = min(loop_run * 2, 1 << 14)
+            chunk = 1024
+        else:
+            chunk = max(1024, min(chunk, 4 * (accepted + 1)))
+    return out_ds, out_k
 
-        # 1. candidate: the next samples of every dataset merged by release key
+
+class _Blender:
+    """One chunk of steps at a time: candidate, pre-pass, proof, repairs (see the comment above)."""
+
+    def __init__(self, w: np.ndarray):
+        n = len(w)
+        self.w, self.n = w, n
+        self.perm = np.lexsort((np.arange(n), -w))  # candidate order among equal keys: heaviest first
+        self.w_p = w[self.perm]
+        self.inv = 1.0 / w
+        self.inv_p = self.inv[self.perm]
+        # weight classes for the bound on far samples: [w_max/2, w_max], [w_max/4, w_max/2), ...
+        self.cls = np.minimum(np.floor(np.log2(w.max() / w)), 3).astype(np.int64)
+        self.classes = [(c, w[self.cls == c].max(), w[self.cls == c].min()) for c in range(4) if (self.cls == c).any()]
+        self.cls_ext = np.append(self.cls, -1)  # index n: "no sample" padding
+        self.w_ext = np.append(w, 0.0)
+        self.inv_ext = np.append(self.inv, 0.0)
+
+    def chunk(self, counts, s: int, k: int):
+        """(ids, ms, accepted, pick): the proven first `accepted` steps from step s on (dataset and
+        its sample index), and the exact pick at the step after them when a repair stopped there."""
+        g = np.arange(s, s + k, dtype=np.float64)
+        ids, ms, later_ids, later_ms, beyond = self._candidate(counts, s, k)
+        own, nxt, neighbours_ok = self._pre_pass(ids, ms, g)
+        check = self._unproven(ids, ms, g, own, neighbours_ok, later_ids, later_ms, beyond)
+        accepted, pick = self._repair(counts, ids, ms, g, check)
+        return ids, ms, accepted, pick
+
+    def _candidate(self, counts, s, k):
+        """1. The next samples of every dataset merged by release key count / w."""
+        n, perm = self.n, self.perm
         c_p = counts[perm]
         horizon = float(s + k + n)
         while True:
-            hi = np.maximum(c_p, np.floor(horizon * w_p).astype(np.int64) + 1)
+            hi = np.maximum(c_p, np.floor(horizon * self.w_p).astype(np.int64) + 1)
             per = hi - c_p
             if per.sum() > k:
                 break
@@ -187,53 +226,57 @@ def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, n
         starts = np.concatenate(([0], np.cumsum(per[:-1])))
         seg = np.repeat(np.arange(n), per)
         m = np.arange(total, dtype=np.int64) - (starts - c_p)[seg]
-        keys = m * inv_p[seg]
+        keys = m * self.inv_p[seg]
         order = np.argsort(np.rint(keys * _KEY_GRID), kind="stable")
         all_ids = perm[seg[order]]
         all_ms = m[order]
-        beyond = float(np.min(hi * inv_p))  # no sample left out of the merge has a smaller key
-        ids = all_ids[:k].copy()
-        ms = all_ms[:k].copy()
+        beyond = float(np.min(hi * self.inv_p))  # no sample left out of the merge has a smaller key
+        return all_ids[:k].copy(), all_ms[:k].copy(), all_ids[k:], all_ms[k:], beyond
 
-        # 2. pre-pass: defer a sample its successor beats
+    def _pre_pass(self, ids, ms, g):
+        """2. Defer each sample its successor beats, to where it would win; returns the deficits and
+        whether every sample now beats its successor."""
+        w, k = self.w, len(ids)
         own, nxt = _deficits(w, ids, ms, g)
         look = None
-        neighbours_ok = False
         for _ in range(_PRE_ROUNDS):
             if look is None:
-                lose = (nxt > own) | ((nxt == own) & (np.append(ids[1:], n) < ids))
-                wrong = np.flatnonzero(lose)
+                wrong = np.flatnonzero((nxt > own) | ((nxt == own) & (np.append(ids[1:], self.n) < ids)))
             else:
-                lose = (nxt[look] > own[look]) | ((nxt[look] == own[look]) & (ids[np.minimum(look + 1, k - 1)] < ids[look]))
+                succ = ids[np.minimum(look + 1, k - 1)]
+                lose = (nxt[look] > own[look]) | ((nxt[look] == own[look]) & (succ < ids[look]))
                 wrong = look[lose & (look < k - 1)]
             if not len(wrong):
-                neighbours_ok = True  # every sample beats its successor (as Megatron compares)
-                break
+                return own, nxt, True
             v = _push_targets(w, ids, ms, g, own, nxt, wrong)
-            prev_end = np.maximum.accumulate(np.concatenate(([-1], v[:-1])))
-            take = wrong > prev_end
-            t, vv = wrong[take], v[take]
+            take = wrong > np.maximum.accumulate(np.concatenate(([-1], v[:-1])))  # disjoint windows
+            t = wrong[take]
 
             def shift_left(flat, lens, heads, t=t):
                 src = flat + 1
                 src[heads + lens - 1] = t
                 return src
 
-            flat, _ = _rearrange(ids, ms, t, vv, shift_left)
-            # only around the moved windows can a new neighbour conflict appear
+            flat, _ = _rearrange(ids, ms, t, v[take], shift_left)
+            # new neighbour conflicts can only appear around the moved windows
             dirty = np.zeros(k, dtype=bool)
             dirty[flat] = True
             dirty[np.maximum(flat - 1, 0)] = True
             dirty[wrong[~take]] = True
             look = np.flatnonzero(dirty)
             _deficits(w, ids, ms, g, (own, nxt, look))
+        return own, nxt, False
 
-        # 3. proof by bounds
-        tail = min(total - k, _LOOK + 1)
-        ext_id = np.concatenate((ids, all_ids[k:k + tail], np.full(_LOOK + 2 - tail, n)))
-        ext_m = np.concatenate((ms, all_ms[k:k + tail], np.zeros(_LOOK + 2 - tail, dtype=np.int64)))
-        ext_w = w_ext[ext_id]
-        ext_key = inv_ext[ext_id] * ext_m
+    def _unproven(self, ids, ms, g, own, neighbours_ok, later_ids, later_ms, beyond):
+        """3. The steps the bounds cannot prove. A step is right if the candidate's deficit beats every
+        other dataset's: the next _LOOK runs exactly, every sample after them through its class bound."""
+        n, k = self.n, len(ids)
+        tail = min(len(later_ids), _LOOK + 1)
+        pad = _LOOK + 2 - tail
+        ext_id = np.concatenate((ids, later_ids[:tail], np.full(pad, n)))
+        ext_m = np.concatenate((ms, later_ms[:tail], np.zeros(pad, dtype=np.int64)))
+        ext_w = self.w_ext[ext_id]
+        ext_key = self.inv_ext[ext_id] * ext_m
         ext_key[k + tail:] = beyond
         safe = np.ones(k, dtype=bool)
         ties = (ext_key[1:] == ext_key[:-1]) & (ext_w[1:] == ext_w[:-1])
@@ -244,52 +287,52 @@ def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, n
             first[1:] = ~ties | (ext_id[1:] <= ext_id[:-1])
             run_first = np.flatnonzero(first)
             run_of = np.cumsum(first[:k]) - 1
-            last_run = len(run_first) - 1
-            later = [run_first[np.minimum(run_of + d, last_run)] for d in range(1, _LOOK + 2)]
+            later = [run_first[np.minimum(run_of + d, len(run_first) - 1)] for d in range(1, _LOOK + 2)]
             checks = [(everyone, p) for p in later[:-1]]
         else:
             later = [slice(d, d + k) for d in range(1, _LOOK + 2)]
             checks = [(everyone, p) for p in later[:-1]]
-            if neighbours_ok:
-                # the pre-pass compared every sample with its successor in the chunk; left: the last one's
+            if neighbours_ok:  # the pre-pass compared each sample with its successor; left: the last one
                 checks[0] = (slice(k - 1, k), slice(k, k + 1))
         for mine_at, p in checks:
             theirs = ext_w[p] * g[mine_at] - ext_m[p]
             mine = own[mine_at]
             safe[mine_at] &= (mine > theirs) | ((mine == theirs) & (ids[mine_at] < ext_id[p]))
-        # everything after those: per weight class, a deficit is at most w_max * (s - smallest key)
+        # after those, per weight class: a deficit is at most w * (s - smallest key of the class)
         p = later[-1]
         rest = np.full(k, -np.inf)
-        far_ids = all_ids[k + tail:]
-        far_keys = inv[far_ids] * all_ms[k + tail:]
-        ext_cls = cls_ext[ext_id]
-        for c, c_max, c_min in classes:
+        far_ids = later_ids[tail:]
+        far_keys = self.inv[far_ids] * later_ms[tail:]
+        ext_cls = self.cls_ext[ext_id]
+        for c, c_max, c_min in self.classes:
             key_c = np.where(ext_cls == c, ext_key, np.inf)
-            in_c = cls[far_ids] == c
+            in_c = self.cls[far_ids] == c
             key_c[k + tail:] = min(beyond, float(far_keys[in_c].min())) if in_c.any() else beyond
             x = g - np.minimum.accumulate(key_c[::-1])[::-1][p]
             # w * x is largest at w = c_max when x >= 0, at w = c_min when x < 0
             np.maximum(rest, np.maximum(c_max * x, c_min * x), out=rest)
         safe &= own - rest > _MARGIN * (g + 2.0)
-        check = np.flatnonzero(~safe)
+        return np.flatnonzero(~safe)
 
-        # 4. exact checks and repairs
-        accepted, pick = k, None
+    def _repair(self, counts, ids, ms, g, check):
+        """4. Exact checks of the unproven steps from the counts; a wrong step gets the greedy's pick
+        (pulled forward) and the sample it displaces goes where it would win; the steps whose counts
+        changed are checked again. Returns (proven steps, exact pick after them or None)."""
+        w, n, k = self.w, self.n, len(ids)
         for _ in range(_REPAIR_ROUNDS):
             if not len(check):
-                break
+                return k, None
             pos = [np.flatnonzero(ids == j) for j in range(n)]
             cnt = np.empty((n, len(check)), dtype=np.int64)
             for j in range(n):
                 cnt[j] = counts[j] + np.searchsorted(pos[j], check)
-            best = (w[:, None] * g[check][None, :] - cnt).argmax(axis=0)
+            best = (w[:, None] * g[check][None, :] - cnt).argmax(axis=0)  # Megatron's pick, exactly
             bad = best != ids[check]
             if not bad.any():
-                check = check[:0]
-                break
+                return k, None
             wrong, wbest = check[bad], best[bad]
             wk = cnt[wbest, np.flatnonzero(bad)]
-            u = np.full(len(wrong), k, dtype=np.int64)  # where the greedy's pick sits now
+            u = np.full(len(wrong), k, dtype=np.int64)  # where the greedy's pick sits now (k: beyond)
             for j in np.unique(wbest):
                 sel = wbest == j
                 r = wk[sel] - counts[j]
@@ -298,15 +341,12 @@ def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, n
                 u_j[ok] = pos[j][r[ok]]
                 u[sel] = u_j
             if u[0] >= k:
-                accepted, pick = int(wrong[0]), (int(wbest[0]), int(wk[0]))
-                check = check[:0]
-                break
+                return int(wrong[0]), (int(wbest[0]), int(wk[0]))
             uc = np.minimum(u, k - 1)
-            own_r, nxt_r = _deficits(w, ids, ms, g)
-            v = _push_targets(w, ids, ms, g, own_r, nxt_r, wrong, uc)
+            own, nxt = _deficits(w, ids, ms, g)
+            v = _push_targets(w, ids, ms, g, own, nxt, wrong, uc)
             end = np.maximum(uc, v)
-            prev_end = np.maximum.accumulate(np.concatenate(([-1], end[:-1])))
-            take = (wrong > prev_end) & (u < k)
+            take = (wrong > np.maximum.accumulate(np.concatenate(([-1], end[:-1])))) & (u < k)
             t, uu, vv = wrong[take], u[take], v[take]
 
             def pull_and_push(flat, lens, heads, t=t, uu=uu, vv=vv):
@@ -319,31 +359,7 @@ def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, n
 
             flat, heads = _rearrange(ids, ms, t, end[take], pull_and_push)
             check = np.union1d(np.delete(flat, heads), wrong[~take])
-        if len(check):
-            accepted = int(check[0])
-
-        # 5. emit the proven prefix
-        out_ds[s:s + accepted] = ids[:accepted]
-        out_k[s:s + accepted] = ms[:accepted]
-        counts += np.bincount(ids[:accepted], minlength=n)
-        s += accepted
-        if pick is not None:
-            out_ds[s], out_k[s] = pick
-            counts[pick[0]] += 1
-            s += 1
-        if accepted == k:
-            chunk = min(_MAX_CHUNK, chunk * 2)
-            if k >= 4096:
-                py_run = 256
-        elif accepted < 64:
-            stop = min(size, s + py_run)
-            _greedy_steps(w, counts, s, stop, out_ds, out_k)
-            s = stop
-            py_run = min(py_run * 2, 1 << 14)
-            chunk = 1024
-        else:
-            chunk = max(1024, min(chunk, 4 * (accepted + 1)))
-    return out_ds, out_k
+        return (int(check[0]), None) if len(check) else (k, None)
 
 
 # == What `paths` means =============================================================================
@@ -394,7 +410,9 @@ def parse_blend(spec, where: str = "dataset.paths") -> tuple[list[str], list[flo
     numeric = [_is_number(x) for x in items[::2]]
     if len(items) % 2 == 0 and any(numeric):
         if not all(numeric) or any(_is_number(x) for x in items[1::2]):
-            raise UserError(f"{where}: a weighted list alternates numbers and prefixes: [w1, p1, w2, p2, ...]; got {spec!r}")
+            raise UserError(
+                f"{where}: a weighted list alternates numbers and prefixes: [w1, p1, w2, p2, ...]; got {spec!r}"
+            )
         weights = [float(x) for x in items[::2]]
         bad = [x for x in weights if not (x > 0 and math.isfinite(x))]
         if bad:
@@ -405,7 +423,9 @@ def parse_blend(spec, where: str = "dataset.paths") -> tuple[list[str], list[flo
                 raise UserError(f"{where}: {p!r} is not a path")
             expanded = _expand(p)
             if len(expanded) != 1:
-                raise UserError(f"{where}: the weighted entry {p!r} must name one prefix, not a glob of {len(expanded)}")
+                raise UserError(
+                    f"{where}: the weighted entry {p!r} must name one prefix, not a glob of {len(expanded)}"
+                )
             prefixes += expanded
         return prefixes, weights
     prefixes = []
@@ -613,7 +633,9 @@ def build_gpt_datasets(
             if not wanted[i]:
                 continue
             if matrix[i] is None:
-                raise UserError(f"split: {text!r} leaves the {SPLIT_LABELS[i]} split empty but {sizes[i]} samples were requested")
+                raise UserError(
+                    f"split: {text!r} leaves the {SPLIT_LABELS[i]} split empty but {sizes[i]} samples were requested"
+                )
             plans.append((i, prefixes, weights, matrix[i], text, matrix))
     else:
         for i in range(3):
@@ -640,7 +662,9 @@ def build_gpt_datasets(
     results = [None, None, None]
     try:
         for i, prefixes, weights, (lo, hi), text, matrix in plans:
-            config = gd.IndexConfig(seed=seed, seq_length=seq_length, split=text, matrix=matrix, tokenizer=tok, cache_dir=cache_dir)
+            config = gd.IndexConfig(
+                seed=seed, seq_length=seq_length, split=text, matrix=matrix, tokenizer=tok, cache_dir=cache_dir
+            )
             name = gd.SPLIT_NAMES[i]
             if len(prefixes) == 1:
                 ds = gd.GPTDataset.planned(open_indexed(prefixes[0]), prefixes[0], lo, hi, sizes[i], name, config)
@@ -697,9 +721,9 @@ class _BlendProcess:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         request = json.dumps({"weights": list(weights), "size": int(size), "out": self.dir})
+        code = "import sys; from jaxpretrain.data.blend import _blend_child; _blend_child(sys.argv[1])"
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from jaxpretrain.data.blend import _blend_child; _blend_child(sys.argv[1])",
-             request],
+            [sys.executable, "-c", code, request],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
 
@@ -723,9 +747,6 @@ def _blend_child(request: str) -> None:
     arrays = blending_indices(args["weights"], args["size"])
     for name, array in zip(BlendedDataset._NAMES, arrays):
         np.save(os.path.join(args["out"], f"{name}.npy"), array)
-
-
-SPLIT_LABELS = ("train", "validation", "test")
 
 
 class _TokenizerIdentifiers:

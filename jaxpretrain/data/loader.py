@@ -91,7 +91,7 @@ def make_loader(
         )
     read = _ReadLocalBatch(dataset, global_batch_size, process_index, process_count)
     pipeline = grain.MapDataset.range(num_batches).map(read)
-    threads = min(prefetch_buffer_size, 2)
+    threads = 1 if prefetch_buffer_size > 0 else 0  # one reader thread: more only fight over the GIL
     pipeline = pipeline.to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch_buffer_size)
     )
