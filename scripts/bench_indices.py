@@ -193,16 +193,17 @@ def main() -> None:
     print(f"caches identical file by file (names and bytes): {identical}")
     mega_lengths = rows["megatron-core (C++ helpers)"][0]["lengths"]
     print(f"lengths: {rows['jaxpretrain'][0]['lengths']} (megatron-core: {mega_lengths})")
-    print("| | build (median) | all runs | whole process (median) | peak RSS |")
-    print("|---|---|---|---|---|")
+    print("| | build (median) | all runs | whole process (median) | peak RSS | RSS after imports |")
+    print("|---|---|---|---|---|---|")
     for name, results in rows.items():
         build = [x["build_s"] for x in results]
         process = [x["process_s"] for x in results]
         rss = max(x["peak_rss_mb"] for x in results)
         child = max(x.get("child_peak_rss_mb", 0) for x in results)
         rss_text = f"{rss:.0f} MB" + (f" + child {child:.0f} MB" if child > 10 else "")
+        base = max(x["rss_after_imports_mb"] for x in results)
         print(f"| {name} | {np.median(build):.2f} s | {', '.join(f'{b:.2f}' for b in build)} | "
-              f"{np.median(process):.2f} s | {rss_text} |")
+              f"{np.median(process):.2f} s | {rss_text} | {base:.0f} MB |")
     print(f"random single samples, one core: {reads['single_samples_per_s']:,.0f} samples/s")
     print(f"random batches of 512 (get_batch), one core: {reads['batch_samples_per_s']:,.0f} samples/s")
     print(f"loader, G=512 seq 1024, one core: {reads['loader_batches_per_s']:.1f} batches/s with prefetch, "
