@@ -58,6 +58,16 @@ def test_processes_get_disjoint_contiguous_shares(data):
         np.testing.assert_array_equal(a, train.get_batch(np.arange(k * G, k * G + G // 2))["input_ids"])
 
 
+def test_repeat_goes_round_the_dataset_again(data):
+    """num_epochs > 1: batch available + k is batch k again, in the same order."""
+    train = data["train"]
+    available = len(train) // G
+    batches = list(make_loader(train, global_batch_size=G, num_batches=available + 3, repeat=True))
+    assert len(batches) == available + 3
+    for k in range(3):
+        np.testing.assert_array_equal(batches[available + k]["input_ids"], batches[k]["input_ids"])
+
+
 def test_validation_iterates_afresh(data):
     loader = make_loader(data["valid"], global_batch_size=G, num_batches=len(data["valid"]) // G)
     first = [b["input_ids"] for b in loader]

@@ -36,9 +36,11 @@ class _ReadLocalBatch:
         self.local = global_batch_size // process_count
         self.offset = process_index * self.local
         self.global_batch_size = global_batch_size
+        self.batches_per_epoch = len(dataset) // global_batch_size
 
     def __call__(self, k) -> dict:
-        start = int(k) * self.global_batch_size + self.offset
+        k = int(k) % self.batches_per_epoch  # past the end, epoch e + 1 repeats epoch e's order
+        start = k * self.global_batch_size + self.offset
         return self.dataset.get_batch(np.arange(start, start + self.local, dtype=np.int64))
 
 
@@ -66,10 +68,12 @@ def make_loader(
     num_batches: int | None = None,
     worker_count: int = 0,
     prefetch_buffer_size: int = 2,
+    repeat: bool = False,
 ) -> Loader:
     """A loader yielding `{"input_ids", "labels"}` int32 numpy arrays `[G / P, seq_length]`.
 
-    `num_batches` defaults to every full global batch of the dataset. `prefetch_buffer_size` batches
+    `num_batches` defaults to every full global batch of the dataset; with `repeat`, more batches than
+    that go round the dataset again (the step scheduler's `num_epochs` > 1). `prefetch_buffer_size` batches
     are read ahead by background threads; `worker_count` > 0 reads in that many worker processes
     instead (each reopens the token files; the order does not change).
     """
@@ -84,7 +88,7 @@ def make_loader(
     available = len(dataset) // global_batch_size
     if num_batches is None:
         num_batches = available
-    if num_batches > available:
+    if available == 0 or (num_batches > available and not repeat):
         raise UserError(
             f"the dataset holds {len(dataset)} samples: {available} global batches of {global_batch_size}, "
             f"fewer than the {num_batches} requested"
