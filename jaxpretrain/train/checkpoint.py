@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jaxpretrain.data.loader import loader_checkpoint_args, loader_restore_args
 from jaxpretrain.errors import UserError
 
 
@@ -43,7 +43,7 @@ class TrainCheckpointer:
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
+            data=loader_checkpoint_args(data_iterator),
             meta=ocp.args.JsonSave(meta),
         )
         self._manager.save(step, args=args, force=True)
@@ -54,7 +54,7 @@ class TrainCheckpointer:
         args = ocp.args.Composite(
             params=ocp.args.StandardRestore(_abstract(params)),
             opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
-            data=grain.checkpoint.CheckpointRestore(data_iterator),
+            data=loader_restore_args(data_iterator),
             meta=ocp.args.JsonRestore(),
         )
         return self._manager.restore(step, args=args)
