@@ -168,15 +168,15 @@ def main() -> None:
     pattern = make_data(args.data)
     work = tempfile.mkdtemp(prefix="bench_indices_")
     common = dict(PATTERN=pattern, SEQ=SEQ, SPLIT=SPLIT, SIZES=SIZES)
-    rows = {"megatron-core (C++ helpers)": [], "jaxpretrain": [], "jaxpretrain, blend in a 2nd process": []}
+    rows = {"megatron-core (C++ helpers)": [], "jaxpretrain": [], "jaxpretrain, blend not in its own thread": []}
     identical = None
     try:
         for r in range(args.repeats):  # interleaved, so outside load hits both alike
             mega_cache, ours_cache, bg_cache = (os.path.join(work, f"{name}{r}") for name in ("mega", "ours", "bg"))
             rows["megatron-core (C++ helpers)"].append(run(_MEGATRON, CACHE=mega_cache, **common))
-            rows["jaxpretrain"].append(run(_OURS, CACHE=ours_cache, ROOT=ROOT, BACKGROUND=False, **common))
-            rows["jaxpretrain, blend in a 2nd process"].append(
-                run(_OURS, CACHE=bg_cache, ROOT=ROOT, BACKGROUND=True, **common))
+            rows["jaxpretrain"].append(run(_OURS, CACHE=ours_cache, ROOT=ROOT, BACKGROUND=True, **common))
+            rows["jaxpretrain, blend not in its own thread"].append(
+                run(_OURS, CACHE=bg_cache, ROOT=ROOT, BACKGROUND=False, **common))
             if identical is None:
                 identical = same_cache(mega_cache, ours_cache) and same_cache(mega_cache, bg_cache)
             keep = ours_cache

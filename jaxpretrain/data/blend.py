@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob as globlib
 import json
 import math
@@ -599,12 +600,12 @@ def build_gpt_datasets(
     `splits_to_build` ("train" / "validation" / "test" or a list) restricts further. `cache_dir` is
     the index cache (Megatron's `path_to_cache`; None: build in memory). `tokenizer`: the identifiers
     Megatron records for the tokenizer (its `unique_identifiers`); only the cache names depend on it,
-    the samples do not. `background_blend`: compute large blending indices in a child process while
-    this one builds the datasets (two cores instead of one; the result is the same); None: only when
-    this process may use more than two cores (on two busy cores the child mostly competes).
+    the samples do not. `background_blend`: compute large blending indices in a thread while other
+    threads build the datasets' indices (numpy's shuffles, sorts and file writes release the GIL, so
+    two cores share the work; the result is the same); None: on.
     """
     if background_blend is None:
-        background_blend = len(os.sched_getaffinity(0)) > 2 if hasattr(os, "sched_getaffinity") else False
+        background_blend = True
     if not isinstance(seq_length, int) or seq_length < 1:
         raise UserError(f"dataset.seq_length: must be a positive integer, got {seq_length!r}")
     sizes = list(num_samples) if num_samples is not None else []
@@ -655,12 +656,11 @@ def build_gpt_datasets(
             indexed[prefix] = IndexedDataset(prefix)
         return indexed[prefix]
 
-    # Plan every dataset first (cheap: identities and sizes), then build the index arrays. A blend
-    # needs only the datasets' lengths, so a large one starts at once in a child process.
+    # Plan every dataset first (cheap: identities and sizes), then build the index arrays in threads.
+    # A blend needs only the datasets' lengths, so a large one starts at once beside them.
     jobs = []
-    children = []
     results = [None, None, None]
-    try:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=_build_threads()) as pool:
         for i, prefixes, weights, (lo, hi), text, matrix in plans:
             config = gd.IndexConfig(
                 seed=seed, seq_length=seq_length, split=text, matrix=matrix, tokenizer=tok, cache_dir=cache_dir
@@ -687,66 +687,27 @@ def build_gpt_datasets(
             blended = BlendedDataset(parts, blend_weights, blend_size, name, cache_dir)
             background = None
             if background_blend and blend_size >= _BACKGROUND_BLEND_MIN and not blended.is_cached():
-                background = _BlendProcess(blended.weights, blended.size)  # starts now, runs meanwhile
-                children.append(background)
+                background = pool.submit(blending_indices, blended.weights, blended.size)  # runs meanwhile
             results[i] = (blended, background)
-        for job in jobs:
-            job()
+        for done in [pool.submit(job) for job in jobs]:
+            done.result()
         out = []
         for r in results:
             if isinstance(r, tuple):
                 blended, background = r
                 r = blended.build(background.result if background else None)
             out.append(r)
-    finally:
-        for child in children:
-            child.stop()
     return tuple(out)
 
 
-# Blends at least this large are computed in a child process while this one builds the datasets.
+# Blends at least this large are computed in their own thread while the datasets are built.
 _BACKGROUND_BLEND_MIN = 1 << 20
 
 
-class _BlendProcess:
-    """`blending_indices(weights, size)` in a fresh Python process (not multiprocessing: that would
-    re-import the caller's main module); the result comes back as .npy files."""
-
-    def __init__(self, weights, size: int):
-        import subprocess
-        import sys
-        import tempfile
-
-        self.dir = tempfile.mkdtemp(prefix="jaxpretrain-blend-")
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        request = json.dumps({"weights": list(weights), "size": int(size), "out": self.dir})
-        code = "import sys; from jaxpretrain.data.blend import _blend_child; _blend_child(sys.argv[1])"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, request],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-
-    def result(self):
-        _, err = self.proc.communicate()
-        if self.proc.returncode != 0:
-            raise RuntimeError(f"blending subprocess failed ({self.proc.returncode}): {err.decode()[-2000:]}")
-        return tuple(np.load(os.path.join(self.dir, f"{name}.npy")) for name in BlendedDataset._NAMES)
-
-    def stop(self) -> None:
-        import shutil
-
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _blend_child(request: str) -> None:
-    args = json.loads(request)
-    arrays = blending_indices(args["weights"], args["size"])
-    for name, array in zip(BlendedDataset._NAMES, arrays):
-        np.save(os.path.join(args["out"], f"{name}.npy"), array)
+def _build_threads() -> int:
+    """Threads for building indices: the cores this process may use, at most 4 (plenty for 14 files)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(2, min(4, cores))
 
 
 class _TokenizerIdentifiers:
