@@ -50,8 +50,8 @@ def tiny_overrides(token_glob: str, ckpt_dir: str, **extra) -> dict:
         "model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "model.n_positions": 64,
         "model.dropout": 0.1,  # dropout on: resume must replay the same masks
         "dataset.paths": token_glob, "validation_dataset.paths": token_glob,
-        "dataset.index_mapping_dir": os.path.join(ckpt_dir, "..", "index_cache"),
-        "validation_dataset.index_mapping_dir": os.path.join(ckpt_dir, "..", "index_cache"),
+        "dataset.index_mapping_dir": os.path.join(os.path.dirname(ckpt_dir), "index_cache"),
+        "validation_dataset.index_mapping_dir": os.path.join(os.path.dirname(ckpt_dir), "index_cache"),
         "dataset.seq_length": SEQ, "validation_dataset.seq_length": SEQ,
         "dataset.split": "0.9, 0.1, 0.0", "validation_dataset.split": "0.9, 0.1, 0.0",
         "validation_dataset.num_val_samples": VAL_SAMPLES,
@@ -198,3 +198,22 @@ def test_mesh_layouts_train_like_one_device(token_glob, tmp_path):
     for name in ("fsdp8", "hsdp2x4", "fsdp4_tp2"):
         np.testing.assert_allclose(losses(name), one, rtol=2e-5, err_msg=name)
     assert "'fsdp': 4, 'tensor': 2" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (["--config.model.no_such_field=1"], "no_such_field"),
+        (["--config.step_scheduler.local_batch_size=3"], "step_scheduler.global_batch_size"),
+        (["--config.dataset.paths=/nonexistent/prefix_*_text_document*"], "/nonexistent/prefix_"),
+        (["--config.model.n_positions=16"], "dataset.seq_length"),
+    ],
+)
+def test_bad_config_is_one_clear_line(flags, expected, token_glob, tmp_path):
+    o = tiny_overrides(token_glob, str(tmp_path / "ckpt"))
+    r = python("-m", "jaxpretrain.train", *as_flags(o), *flags, timeout=300)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "ckpt"), "nothing is written for a run that cannot start"

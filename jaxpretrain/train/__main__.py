@@ -19,6 +19,11 @@ def parse_config(argv: list[str]):
     except flags.Error as e:
         first = str(e).strip().splitlines()
         raise UserError(first[0] if first else "bad command line") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        # ml_collections reports an override of a field the config lacks as a bare AttributeError.
+        name = str(e).strip("\"' ")
+        flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and name in a), "--config")
+        raise UserError(f"{flag}: {name!r} is not a field of the config (see configs/gpt2.py)") from None
     if _CONFIG.value is None:
         raise UserError("--config: required, e.g. --config configs/gpt2.py:tiny")
     return _CONFIG.value

@@ -71,6 +71,8 @@ def plan_batches(cfg, dp_size: int) -> BatchPlan:
     val_batch = cfg.validation_dataset.global_batch_size or l * dp_size
     if val_batch % dp_size:
         raise UserError(f"validation_dataset.global_batch_size: {val_batch} is not a multiple of dp size {dp_size}")
+    if 0 < val_samples < val_batch:
+        raise UserError(f"validation_dataset.num_val_samples: {val_samples} is fewer than one validation batch ({val_batch})")
     return BatchPlan(g, l, dp_size, g // (l * dp_size), int(ss.max_steps), int(train_samples), int(val_samples), int(val_batch))
 
 
@@ -121,8 +123,8 @@ class Training:
     n_params_no_pos: int
 
 
-def build_training(cfg, mesh, plan: BatchPlan) -> Training:
-    hf_config = model_config(cfg)
+def build_training(cfg, mesh, plan: BatchPlan, hf_config=None) -> Training:
+    hf_config = hf_config or model_config(cfg)
     model = build_model(cfg, hf_config, mesh)
     n_params = M.param_count(model)
     n_params_no_pos = n_params - hf_config.n_positions * hf_config.n_embd  # what MFU counts
@@ -272,6 +274,7 @@ def run(cfg) -> int:
     mesh = make_mesh(cfg)
     dp_size = mesh.shape["replicate"] * mesh.shape["fsdp"]
     plan = plan_batches(cfg, dp_size)
+    hf_config = model_config(cfg)  # checked before any data work: a bad shape fails in a second
 
     # -- Input: Megatron datasets and the per-process Grain loaders.
     ds_cfg, val_cfg = cfg.dataset, cfg.validation_dataset
@@ -296,7 +299,7 @@ def run(cfg) -> int:
     batch_sharding = parallel.batch_sharding(mesh)
 
     # -- Model (built sharded) and optimizer (its state sharded like the parameters).
-    t = build_training(cfg, mesh, plan)
+    t = build_training(cfg, mesh, plan, hf_config)
     state = t.state
 
     # -- Checkpoint: resume from the newest complete one.
@@ -314,8 +317,7 @@ def run(cfg) -> int:
             start_step = latest
             log.info("Resumed from %s at step %d", os.path.join(ckpt.directory, str(latest)), latest)
 
-    l2 = float(jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(state["params"]))))
-    log_experiment(cfg, mesh, plan, t.n_params, l2, (train_ds, val_ds))
+    log_experiment(cfg, mesh, plan, t.n_params, float(M.param_l2_norm(state["params"])), (train_ds, val_ds))
     log.info(
         "LR schedule: init_lr %.6g max_lr %.6g min_lr %.6g warmup %d decay %d style %s",
         t.lr_schedule.init_lr, t.lr_schedule.max_lr, t.lr_schedule.min_lr, t.lr_schedule.warmup_steps,
@@ -383,8 +385,9 @@ def run(cfg) -> int:
             ))
         sinks.log("train", step, values | ({"mfu": mfu} if mfu is not None else {}))
 
+    if start_step >= total_steps:
+        log.info("Nothing to do: the checkpoint is at step %d of %d", start_step, total_steps)
     pending = None
-    step = start_step
     for step in range(start_step + 1, total_steps + 1):
         batch = parallel.make_global_batch(next(data_iter), mesh)
         state, device_metrics = t.train_step(state, batch, jnp.int32(step - 1))
@@ -403,7 +406,7 @@ def run(cfg) -> int:
                 save(step)
             last_time = time.perf_counter()
         if stopping:
-            log.info("SIGTERM: saved step %d, exiting", step)
+            log.info("SIGTERM: %s step %d, exiting", "saved" if ckpt is not None else "stopped after", step)
             break
     if pending is not None:
         report(*pending)
