@@ -44,10 +44,7 @@ def bench(cfg, steps: int, warmup: int) -> float:
     elapsed = time.perf_counter() - start
 
     tps = steps * plan.global_batch_size * seq / elapsed
-    fpt = metrics_lib.flops_per_token(
-        n_params_no_pos=t.n_params_no_pos, n_layer=t.hf_config.n_layer, n_head=t.hf_config.n_head,
-        head_dim=t.hf_config.n_embd // t.hf_config.n_head, seq_len=seq,
-    )
+    fpt = t.flops_per_token(seq)
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0])
     n_dev = jax.device_count()
     mfu = f"{100 * tps * fpt / (peak * n_dev):.1f}%" if peak else "n/a"

@@ -36,14 +36,14 @@ def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None)
     hf_config = transformers.GPT2Config.from_dict(meta["model_config"])
     vocab_multiple = int(meta["config"]["model"]["vocab_multiple"])
 
-    # The parameters' shapes without allocating them; restored onto one device for writing.
-    abstract = nnx.eval_shape(lambda: M.GPT2LMHeadModel(hf_config, rngs=nnx.Rngs(0), vocab_multiple=vocab_multiple))
-    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+    # The parameters' shapes without allocating them (every model variable is a parameter);
+    # restored onto one device for writing.
+    graphdef, abstract_params = M.abstract_model(hf_config, vocab_multiple=vocab_multiple)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract_params)
     params = ckpt.restore_params(step, target)
     ckpt.close()
-    model = nnx.merge(graphdef, params, rest)
+    model = nnx.merge(graphdef, params)
 
     out = os.path.abspath(output)
     parent = os.path.dirname(out)

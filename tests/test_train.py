@@ -143,7 +143,7 @@ def test_sigterm_then_resume_gives_identical_losses(baseline_run, token_glob, tm
 
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert f"Resumed from" in r.stdout and f"at step {stop_step}" in r.stdout
+    assert "Resumed from" in r.stdout and f"at step {stop_step}" in r.stdout
     resumed = [int(m.group(1)) for m in map(STEP_LINE.search, r.stdout.splitlines()) if m]
     assert resumed[0] == stop_step + 1 and resumed[-1] == STEPS
     got = train_losses(ckpt)

@@ -20,7 +20,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -121,6 +120,12 @@ class Training:
     train_step: object
     n_params: int
     n_params_no_pos: int
+
+    def flops_per_token(self, seq_len: int) -> float:
+        c = self.hf_config
+        return metrics_lib.flops_per_token(
+            n_params_no_pos=self.n_params_no_pos, n_layer=c.n_layer, n_head=c.n_head, head_dim=c.n_embd // c.n_head, seq_len=seq_len
+        )
 
 
 def build_training(cfg, mesh, plan: BatchPlan, hf_config=None) -> Training:
@@ -331,10 +336,7 @@ def run(cfg) -> int:
 
     seq_len = int(ds_cfg.seq_length)
     tokens_per_step = plan.global_batch_size * seq_len
-    fpt = metrics_lib.flops_per_token(
-        n_params_no_pos=t.n_params_no_pos, n_layer=t.hf_config.n_layer, n_head=t.hf_config.n_head,
-        head_dim=t.hf_config.n_embd // t.hf_config.n_head, seq_len=seq_len,
-    )
+    fpt = t.flops_per_token(seq_len)
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0])
     n_dev = jax.device_count()
     ss = cfg.step_scheduler
