@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxpretrain.data import gpt_dataset as gd
+from jaxpretrain.data import vocab_check
 from jaxpretrain.data.indexed import IndexedDataset, get_prefix
 from jaxpretrain.errors import UserError
 
@@ -503,8 +504,11 @@ class BlendedDataset:
 
     _NAMES = ("dataset_index", "dataset_sample_index")
 
+    def _shapes(self) -> dict:
+        return {name: (self.size,) for name in self._NAMES}
+
     def is_cached(self) -> bool:
-        return gd.cache_complete(self.cache_dir, self.cache_base, self._NAMES)
+        return gd.cache_complete(self.cache_dir, self.cache_base, self._NAMES, self.unique_description, self._shapes())
 
     def build(self, compute=None) -> "BlendedDataset":
         """`compute()` -> (dataset_index, dataset_sample_index) replaces the in-process computation
@@ -516,7 +520,9 @@ class BlendedDataset:
             self._check_sizes(dataset_index, dataset_sample_index)
             return {"dataset_index": dataset_index, "dataset_sample_index": dataset_sample_index}
 
-        arrays = gd.cached_arrays(self.cache_dir, self.cache_base, self._NAMES, self.unique_description, make)
+        arrays = gd.cached_arrays(
+            self.cache_dir, self.cache_base, self._NAMES, self.unique_description, make, self._shapes()
+        )
         self.dataset_index = arrays["dataset_index"]
         self.dataset_sample_index = arrays["dataset_sample_index"]
         return self
@@ -592,6 +598,7 @@ def build_gpt_datasets(
     splits_to_build=None,
     tokenizer=None,
     background_blend: bool | None = None,
+    vocab_size: int | None = None,
 ):
     """(train, valid, test): each a dataset with `len()`, `ds[i]` and `ds.get_batch(indices)`, or None.
 
@@ -602,7 +609,9 @@ def build_gpt_datasets(
     Megatron records for the tokenizer (its `unique_identifiers`); only the cache names depend on it,
     the samples do not. `background_blend`: compute large blending indices in a thread while other
     threads build the datasets' indices (numpy's shuffles, sorts and file writes release the GIL, so
-    two cores share the work; the result is the same); None: on.
+    two cores share the work; the result is the same); None: on. `vocab_size`: the model's
+    vocabulary; when given, every token file must have an integer dtype that can hold it and ids in
+    [0, vocab_size) (one pass per file, remembered in `cache_dir`), else a UserError names the file.
     """
     if background_blend is None:
         background_blend = True
@@ -656,6 +665,9 @@ def build_gpt_datasets(
             indexed[prefix] = IndexedDataset(prefix)
         return indexed[prefix]
 
+    if vocab_size is not None:
+        _check_vocabulary(sorted({p for plan in plans for p in plan[1]}), open_indexed, vocab_size, cache_dir)
+
     # Plan every dataset first (cheap: identities and sizes), then build the index arrays in threads.
     # A blend needs only the datasets' lengths, so a large one starts at once beside them.
     jobs = []
@@ -698,6 +710,20 @@ def build_gpt_datasets(
                 r = blended.build(background.result if background else None)
             out.append(r)
     return tuple(out)
+
+
+def _check_vocabulary(prefixes, open_indexed, vocab_size: int, cache_dir: str | None) -> None:
+    """Every file's dtype first (free), then the id ranges, in threads (numpy's reductions release
+    the GIL); the first bad file in prefix order is the error."""
+    if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+        raise UserError(f"vocab_size: must be a positive integer, got {vocab_size!r}")
+    files = [open_indexed(p) for p in prefixes]
+    for ds in files:
+        vocab_check.check_dtype(ds, int(vocab_size))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=_build_threads()) as pool:
+        checks = [pool.submit(vocab_check.check_token_ids, ds, int(vocab_size), cache_dir) for ds in files]
+        for check in checks:
+            check.result()
 
 
 # Blends at least this large are computed in their own thread while the datasets are built.

@@ -26,15 +26,17 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
-import tempfile
 from typing import Callable, Sequence
 
 import numpy as np
 
-from jaxpretrain.data.indexed import IndexedDataset
+from jaxpretrain.data.indexed import IndexedDataset, save_atomic
 from jaxpretrain.errors import UserError
+
+log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -179,56 +181,103 @@ def describe(identifiers: dict) -> str:
     return json.dumps(identifiers, indent=4, default=lambda obj: obj.unique_identifiers)
 
 
-def _save_atomic(path: str, write: Callable) -> None:
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+def _cache_paths(cache_dir: str, base: str, names: Sequence[str]) -> tuple[str, dict[str, str]]:
+    description_path = os.path.join(cache_dir, f"{base}-description.txt")
+    return description_path, {name: os.path.join(cache_dir, f"{base}-{name}.npy") for name in names}
+
+
+def _load_cache(cache_dir: str, base: str, names: Sequence[str], description: str, shapes: dict | None):
+    """(arrays, None) when every file of the cache is there, whole, and belongs to `description`;
+    else (None, what is wrong). Nothing found is trusted on its name alone: Megatron writes its
+    description first and its arrays with plain `np.save`, so a killed Megatron run leaves a
+    description next to truncated or missing arrays, and a file may come from anywhere."""
+    description_path, paths = _cache_paths(cache_dir, base, names)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)  # readers see all of a file or none (no fsync: a cache can be rebuilt)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        with open(description_path, "rb") as f:
+            found = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return None, None  # never built (or killed before its last file: the description comes last)
+    except OSError as e:
+        return None, f"{description_path}: unreadable ({e.strerror})"
+    if found != description:
+        return None, f"{description_path}: describes another configuration"
+    arrays = {}
+    for name, path in paths.items():
+        try:
+            arrays[name] = load_mapped(path)
+        except FileNotFoundError:
+            return None, f"{path}: missing"
+        except (OSError, ValueError, EOFError) as e:  # truncated data or header, not an .npy at all
+            return None, f"{path}: unreadable ({e})"
+        want = (shapes or {}).get(name)
+        if want is not None and arrays[name].shape != tuple(want):
+            return None, f"{path}: shape {arrays[name].shape}, expected {tuple(want)}"
+    return arrays, None
 
 
-def cache_complete(cache_dir: str | None, base: str, names: Sequence[str]) -> bool:
+def cache_complete(cache_dir: str | None, base: str, names: Sequence[str], description: str, shapes=None) -> bool:
+    """True when the cache holds every array, whole and of the expected shapes, for `description`."""
     if cache_dir is None:
         return False
-    files = [f"{base}-description.txt"] + [f"{base}-{name}.npy" for name in names]
-    return all(os.path.isfile(os.path.join(cache_dir, f)) for f in files)
+    return _load_cache(cache_dir, base, names, description, shapes)[0] is not None
 
 
 def cached_arrays(
-    cache_dir: str | None, base: str, names: Sequence[str], description: str, build: Callable[[], dict]
+    cache_dir: str | None, base: str, names: Sequence[str], description: str, build: Callable[[], dict],
+    shapes: dict | None = None,
 ) -> dict:
     """The arrays `names` from `cache_dir/{base}-{name}.npy`, built by `build()` on a miss.
 
-    Each file appears atomically (temp file + rename), the description last. Processes starting
+    A cache is used only when its description file holds `description` and every array loads with
+    the shape in `shapes` (name -> shape); anything else (a truncated, missing or foreign file) is
+    rebuilt, with a warning. Each file appears atomically (temp file + rename), the description
+    last, so a build killed at any moment leaves nothing that passes for complete. Processes starting
     together take a file lock, so one builds and the others wait and then read the same files; every
     process gets read-only mmaps. Without a cache_dir the arrays are built in memory.
     """
     if cache_dir is None:
         return build()
-    paths = {name: os.path.join(cache_dir, f"{base}-{name}.npy") for name in names}
-    description_path = os.path.join(cache_dir, f"{base}-description.txt")
-    if not cache_complete(cache_dir, base, names):
-        from filelock import FileLock
+    arrays, _ = _load_cache(cache_dir, base, names, description, shapes)
+    if arrays is not None:
+        return arrays
+    from filelock import FileLock
 
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{cache_dir}: cannot create the index cache directory ({e.strerror})") from None
+    description_path, paths = _cache_paths(cache_dir, base, names)
+    with FileLock(os.path.join(cache_dir, f"{base}.lock")):
+        arrays, problem = _load_cache(cache_dir, base, names, description, shapes)
+        if arrays is not None:
+            return arrays  # another process built it while this one waited
+        if problem:
+            log.warning("index cache %s: %s; rebuilding it", base, problem)
+        _remove_leftovers(cache_dir, base)
+        built = build()
         try:
-            os.makedirs(cache_dir, exist_ok=True)
+            if os.path.exists(description_path):  # no moment where it vouches for a mix of old and new
+                os.remove(description_path)
+            for name, path in paths.items():
+                save_atomic(path, lambda f, a=built[name]: np.save(f, a, allow_pickle=False))
+            save_atomic(description_path, lambda f: f.write(description.encode("utf-8")))
         except OSError as e:
-            raise UserError(f"{cache_dir}: cannot create the index cache directory ({e.strerror})") from None
-        with FileLock(os.path.join(cache_dir, f"{base}.lock")):
-            if not cache_complete(cache_dir, base, names):
-                arrays = build()
-                try:
-                    for name, path in paths.items():
-                        _save_atomic(path, lambda f, a=arrays[name]: np.save(f, a, allow_pickle=True))
-                    _save_atomic(description_path, lambda f: f.write(description.encode("utf-8")))
-                except OSError as e:
-                    raise UserError(f"{cache_dir}: cannot write the index cache ({e.strerror})") from None
-    return {name: load_mapped(path) for name, path in paths.items()}
+            raise UserError(f"{cache_dir}: cannot write the index cache ({e.strerror})") from None
+        arrays, problem = _load_cache(cache_dir, base, names, description, shapes)
+        if arrays is None:
+            raise RuntimeError(f"index cache {base}: just written, yet {problem}")
+    return arrays
+
+
+def _remove_leftovers(cache_dir: str, base: str) -> None:
+    """Temp files of this cache left by a writer that was killed: the lock is held, so nobody else
+    is writing them."""
+    for name in os.listdir(cache_dir):
+        if name.startswith(".tmp-") and f"-{base}-" in name:
+            try:
+                os.remove(os.path.join(cache_dir, name))
+            except OSError:
+                pass
 
 
 class MappedArray(np.ndarray):
@@ -247,7 +296,7 @@ class MappedArray(np.ndarray):
 
 
 def load_mapped(path: str) -> np.ndarray:
-    mapped = np.load(path, allow_pickle=True, mmap_mode="r")
+    mapped = np.load(path, allow_pickle=False, mmap_mode="r")
     array = mapped.view(MappedArray)
     array.filename = path
     return array
@@ -336,15 +385,23 @@ class GPTDataset:
 
     def build(self) -> "GPTDataset":
         arrays = cached_arrays(
-            self.config.cache_dir, self.cache_base, ("document_index", "sample_index", "shuffle_index"),
-            self.unique_description, self._build_indices,
+            self.config.cache_dir, self.cache_base, self._NAMES, self.unique_description, self._build_indices,
+            self.index_shapes(),
         )
         self.document_index = arrays["document_index"]
         self.sample_index = arrays["sample_index"]
         self.shuffle_index = arrays["shuffle_index"]
-        if self.sample_index.shape[0] - 1 != self._length:
-            raise UserError(f"{self.config.cache_dir}: index cache {self.cache_base} does not match its description")
         return self
+
+    _NAMES = ("document_index", "sample_index", "shuffle_index")
+
+    def index_shapes(self) -> dict:
+        """The shapes the three index arrays must have (what a cached copy is checked against)."""
+        return {
+            "document_index": (self.num_epochs * len(self.documents),),
+            "sample_index": (self._length + 1, 2),
+            "shuffle_index": (self._length,),
+        }
 
     def _build_indices(self) -> dict:
         seq = self.seq_length
