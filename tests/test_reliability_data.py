@@ -218,9 +218,10 @@ _KILLED_BUILD = textwrap.dedent(
     import os, signal, sys
     import numpy as np
     sys.path.insert(0, {repo!r})
-    from jaxpretrain.data import indexed, gpt_dataset, build_gpt_datasets
+    from jaxpretrain import atomic
+    from jaxpretrain.data import gpt_dataset, build_gpt_datasets
     calls = []
-    real = indexed.save_atomic
+    real = atomic.save_atomic
     def dying(path, write):
         calls.append(path)
         if len(calls) == {at}:

@@ -33,7 +33,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from jaxpretrain.data.indexed import IndexedDataset, save_atomic
+from jaxpretrain.atomic import save_atomic
+from jaxpretrain.data.indexed import IndexedDataset
 from jaxpretrain.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,7 @@ import mmap
 import os
 import shutil
 import struct
-import tempfile
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -78,21 +77,6 @@ def exists(path_prefix: str) -> bool:
     """True when both files of the pair are present (the `.idx` is written last, so this means complete)."""
     prefix = get_prefix(path_prefix)
     return os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin")
-
-
-def save_atomic(path: str, write: Callable) -> None:
-    """`write(file)` into a temp file next to `path`, then rename it over `path`: readers see all of
-    the file or none of it, whenever the writer dies (no fsync: what is written here can be rebuilt)."""
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _map_file(path: str):

@@ -17,7 +17,8 @@ import os
 
 import numpy as np
 
-from jaxpretrain.data.indexed import IndexedDataset, save_atomic
+from jaxpretrain.atomic import save_atomic
+from jaxpretrain.data.indexed import IndexedDataset
 from jaxpretrain.errors import UserError
 
 # Tokens per reduction: small enough that min and max read the chunk from cache, large enough that

@@ -5,13 +5,27 @@ One checkpoint per step holds four items, each restorable alone:
   opt_state   AdamW moments and the update count (which also drives the LR schedule)
   data        the Grain iterator position of every process
   meta        JSON: step, epoch, the config, and the model's HF config (what `export` needs)
-Saves are asynchronous, written to a temporary directory and renamed when complete, so the newest
-*complete* checkpoint is always the one resumed: a run killed mid-save resumes from the one before.
+
+What survives a crash, and why:
+- Saves are asynchronous, written to `<step>.orbax-checkpoint-tmp` and renamed to `<step>` when
+  complete, so a directory named by a step is always a whole checkpoint. A run killed mid-save leaves
+  the temporary directory; the next start names it, removes it, and resumes from the newest complete
+  step (`resume_message`).
+- Old checkpoints (beyond `max_to_keep`) are first renamed into `<dir>/.deleted/` (one atomic rename),
+  then removed in the background, so a kill mid-delete never leaves a half-deleted `<step>` either.
+- A save that fails (disk full, a directory that turned read-only) is reported by `poll()` within a
+  step or two, as a `CheckpointWriteError` naming the directory and the cause; the step that failed
+  stays a temporary directory and the previous checkpoint is untouched.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import re
+import shutil
+import threading
 
 import jax
 import orbax.checkpoint as ocp
@@ -19,19 +33,82 @@ import orbax.checkpoint as ocp
 from jaxpretrain.data.loader import loader_checkpoint_args, loader_restore_args
 from jaxpretrain.errors import UserError
 
+_TMP_STEP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+TRASH = ".deleted"  # old checkpoints wait here, already out of every step listing, to be removed
+
+# Errors of the storage, not of the program: reported as one line, the checkpoints kept as they are.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+_STORAGE_TEXT = re.compile(
+    r"No space left on device|Disk quota exceeded|Read-only file system|Permission denied|Input/output error"
+    r"|os_error_code='?(28|122|30|13|1|5)\b"
+)
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written; the previous one is intact."""
+
+
+def incomplete_steps(directory: str) -> list[int]:
+    """Steps whose save never finished (their temporary directory is still there)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for m in map(_TMP_STEP.match, names) if m)
+
+
+def storage_problem(error: BaseException) -> str | None:
+    """The storage's complaint ('No space left on device', ...) somewhere in `error`'s chain, or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+            return error.strerror or os.strerror(error.errno)
+        match = _STORAGE_TEXT.search(str(error))
+        if match:
+            code = match.group(1)
+            return os.strerror(int(code)) if code else match.group(0)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class _QuietOrbaxErrors(logging.Filter):
+    """Orbax logs a failed background save with its traceback from several threads; the failure is
+    raised again on the main thread (`poll`/`wait`) and reported there as one line, so those records
+    are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+_QUIET = _QuietOrbaxErrors()
+
 
 class TrainCheckpointer:
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.directory = os.path.abspath(directory)
         if read_only and not os.path.isdir(self.directory):
             raise UserError(f"{directory}: no such checkpoint directory")
+        # What a killed save left behind, noted before the manager removes it.
+        self.incomplete = incomplete_steps(self.directory)
+        self._primary = jax.process_index() == 0
+        if not read_only and self._primary:
+            _empty_trash(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=not read_only,
             enable_async_checkpointing=async_save,
             read_only=read_only,
+            cleanup_tmp_directories=not read_only,
+            todelete_subdir=None if read_only else TRASH,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        logging.getLogger("absl").addFilter(_QUIET)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as e:
+            raise UserError(f"{self.directory}: cannot use as checkpoint directory ({e.strerror})") from None
+        self._saving: int | None = None  # the step of a save that may still be running
+        self._cleaner: threading.Thread | None = None
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -39,14 +116,37 @@ class TrainCheckpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def resume_message(self, step: int) -> str:
+        """'Resumed from <dir>/12 at step 12 (newest complete checkpoint; 18 was incomplete and ignored)'."""
+        why = "newest complete checkpoint"
+        if self.incomplete:
+            steps = ", ".join(map(str, self.incomplete))
+            verb = "was" if len(self.incomplete) == 1 else "were"
+            why += f"; {steps} {verb} incomplete and ignored"
+        return f"Resumed from {os.path.join(self.directory, str(step))} at step {step} ({why})"
+
     def save(self, step: int, *, params, opt_state, data_iterator, meta: dict) -> None:
+        """Start saving `step` (in the background when async); a failure of the previous save is raised here."""
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
             data=loader_checkpoint_args(data_iterator),
             meta=ocp.args.JsonSave(meta),
         )
-        self._manager.save(step, args=args, force=True)
+        if self._saving is not None:
+            self.wait()  # Orbax would wait too; this way a failure is pinned on the right step
+        try:
+            self._manager.save(step, args=args, force=True)
+        except Exception as e:
+            self._raise_storage(e, step)
+            raise
+        self._saving = step
+        self._clean_trash_in_background()
+
+    def poll(self) -> None:
+        """Cheap, every step: raise a `CheckpointWriteError` as soon as a background save has failed."""
+        if self._saving is not None and not self._manager.is_saving_in_progress():
+            self.wait()
 
     def restore(self, step: int, *, params, opt_state, data_iterator) -> dict:
         """Restores into the shardings of `params`/`opt_state` (arrays or ShapeDtypeStructs) and
@@ -67,10 +167,62 @@ class TrainCheckpointer:
         return self._manager.restore(step, args=args)["params"]
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Block until the running save is complete; its failure is raised as a `CheckpointWriteError`."""
+        step, self._saving = self._saving, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            self._raise_storage(e, step)
+            raise
 
     def close(self) -> None:
+        self.wait()
         self._manager.close()
+        if self._cleaner is not None:
+            self._cleaner.join()
+
+    def abandon(self) -> None:
+        """On the way out after an error: let a running save finish (it may be the last good one),
+        without raising again."""
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _raise_storage(self, error: Exception, step: int | None) -> None:
+        problem = storage_problem(error)
+        if problem is None:
+            return
+        complete = [s for s in self._manager.all_steps() if step is None or s < step]
+        kept = (
+            f"the newest complete checkpoint, step {max(complete)}, is intact and a rerun resumes from it"
+            if complete else "there is no earlier checkpoint"
+        )
+        what = f"step {step}" if step is not None else "a checkpoint"
+        raise CheckpointWriteError(
+            f"{self.directory}: cannot write checkpoint {what} ({problem}); {kept} once the directory is writable "
+            f"and has space again"
+        ) from None
+
+    def _clean_trash_in_background(self) -> None:
+        # What the previous save's finalization moved to the trash; removing it can take a while on
+        # network file systems, so not on the training thread.
+        if not self._primary or (self._cleaner is not None and self._cleaner.is_alive()):
+            return
+        self._cleaner = threading.Thread(target=_empty_trash, args=(self.directory,), name="checkpoint-trash", daemon=True)
+        self._cleaner.start()
+
+
+def _empty_trash(directory: str) -> None:
+    trash = os.path.join(directory, TRASH)
+    try:
+        names = os.listdir(trash)
+    except OSError:
+        return
+    for name in names:
+        shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
 
 
 def _abstract(tree):

@@ -9,6 +9,9 @@ import time
 
 import jax
 
+from jaxpretrain.atomic import save_atomic
+from jaxpretrain.errors import UserError
+
 # Dense bf16 peak of one device, by `device_kind` prefix, for MFU (None: unknown, MFU not shown).
 PEAK_FLOPS = {
     "NVIDIA H100": 989e12,
@@ -66,19 +69,30 @@ class MetricSinks:
     """Every metric of every step to `<run_dir>/{train,validation}.jsonl`, TensorBoard, and W&B if set.
 
     Only process 0 writes; the others get a no-op instance so the loop needs no branches.
+    A run resumed at `resume_step` first drops what a killed predecessor logged after that step (and a
+    last line it left half-written), so each step appears once, as the resumed run computes it;
+    TensorBoard hides those events too (`purge_step`).
     """
 
-    def __init__(self, run_dir: str | None, *, enabled: bool, wandb_cfg=None, config_dict=None):
+    def __init__(self, run_dir: str | None, *, enabled: bool, wandb_cfg=None, config_dict=None,
+                 resume_step: int | None = None):
         self.enabled = enabled and run_dir is not None
         self._tb = self._wandb = None
         self._files = {}
         if not self.enabled:
             return
-        os.makedirs(run_dir, exist_ok=True)
-        self._files = {name: open(os.path.join(run_dir, f"{name}.jsonl"), "a") for name in ("train", "validation")}
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            self._files = {}
+            for name in ("train", "validation"):
+                path = os.path.join(run_dir, f"{name}.jsonl")
+                _keep_records_up_to(path, resume_step)
+                self._files[name] = open(path, "a")
+        except OSError as e:
+            raise UserError(f"{e.filename or run_dir}: cannot write metrics ({e.strerror})") from None
         from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
 
-        self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=(resume_step + 1) if resume_step else None)
         if wandb_cfg is not None and wandb_cfg.project:
             try:
                 import wandb
@@ -93,8 +107,11 @@ class MetricSinks:
         if not self.enabled:
             return
         record = {"step": step, "time": time.time(), **metrics}
-        self._files[kind].write(json.dumps(record) + "\n")
-        self._files[kind].flush()
+        try:
+            self._files[kind].write(json.dumps(record) + "\n")
+            self._files[kind].flush()
+        except OSError as e:
+            raise UserError(f"{self._files[kind].name}: cannot write metrics ({e.strerror})") from None
         prefix = "train" if kind == "train" else "val"
         for name, value in metrics.items():
             if isinstance(value, (int, float)):
@@ -109,3 +126,24 @@ class MetricSinks:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _keep_records_up_to(path: str, step: int | None) -> None:
+    """Rewrite a metrics JSONL (atomically) without a torn last line and, unless `step` is None,
+    without the records after `step`."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except FileNotFoundError:
+        return
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # the empty tail, or a line a killed run left half-written
+        if isinstance(record, dict) and (step is None or record.get("step", 0) <= step):
+            kept.append(line)
+    if len(kept) == len(lines) - 1 and lines[-1] == b"":
+        return  # nothing to drop (the common case: no rewrite)
+    save_atomic(path, lambda f: f.write(b"".join(line + b"\n" for line in kept)))

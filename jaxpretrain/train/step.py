@@ -43,6 +43,16 @@ def split_microbatches(x: jax.Array, grad_accum: int, mesh, data_axes) -> jax.Ar
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def schedule_count(opt_state, default):
+    """Updates applied so far, as the LR schedule counts them (equal to the step unless steps were
+    skipped for a non-finite loss), so the logged LR is the one the next update uses."""
+    counts = [
+        value for path, value in optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+        if getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState"
+    ]
+    return counts[-1] if counts else jnp.asarray(default, jnp.int32)
+
+
 def make_train_step(
     graphdef,
     rest,
@@ -94,9 +104,17 @@ def make_train_step(
             scale = jnp.minimum(1.0, max_grad_norm / (grad_norm + 1e-6))
             grads = jax.tree.map(lambda g: g * scale, grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "num_label_tokens": denom.astype(jnp.int32)}
-        return {"params": params, "opt_state": opt_state}, metrics
+        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        # A non-finite loss or gradient norm never reaches the state: the step keeps the old
+        # parameters and moments (and update count, so the LR schedule waits too). Elementwise, fused
+        # into the update: no extra memory and no host sync; the host reads `finite` with the loss.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        metrics = {
+            "loss": loss, "grad_norm": grad_norm, "num_label_tokens": denom.astype(jnp.int32), "finite": finite,
+            "updates": schedule_count(new_state["opt_state"], step + 1),
+        }
+        return new_state, metrics
 
     def traced(state, batch, step):
         # Under the mesh, the model's logical activation constraints (parallel.constrain) apply.
