@@ -119,6 +119,8 @@ def _base() -> ml_collections.ConfigDict:
     c.distributed.cp_size = 1
     # Sequence parallelism is not supported; kept for the seed's YAML shape (must be False).
     c.distributed.sequence_parallel = False
+    # Memory one device may use, GiB, checked against XLA's estimate before step 1; None: the device's own limit (GPU).
+    c.distributed.device_memory_gib = placeholder(float)
 
     c.loss_fn = ml_collections.ConfigDict()
     # Masked cross-entropy: summed float32 token CE / label tokens of the global batch (-100 ignored).
@@ -134,6 +136,8 @@ def _base() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.1
     # Clip the global gradient norm to this (the logged grad_norm is before clipping); 0: off.
     c.optimizer.max_grad_norm = 1.0
+    # A step with a non-finite loss or gradient norm is never applied; skip up to this many in a row (each logged), 0: stop at the first.
+    c.optimizer.skip_nonfinite_steps = 0
 
     c.lr_scheduler = ml_collections.ConfigDict()
     # "cosine", "linear", "constant" or "inverse-square-root" (Megatron's OptimizerParamScheduler).

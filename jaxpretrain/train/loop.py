@@ -9,7 +9,6 @@ This is the one place that wires the data path, the model, the mesh and the opti
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 
@@ -21,6 +20,7 @@ import jaxpretrain.model as M
 from jaxpretrain import parallel
 from jaxpretrain.train import metrics as metrics_lib
 from jaxpretrain.train import report
+from jaxpretrain.train.numerics import NonFiniteError, NonFiniteGuard, all_finite
 from jaxpretrain.train.preemption import StopSignal
 from jaxpretrain.train.setup import Run, setup, validation_loader
 
@@ -46,7 +46,13 @@ class Trainer:
         self.state = r.state
         cfg = r.cfg
         run_dir = cfg.logging.run_dir or os.path.join(cfg.checkpoint.checkpoint_dir, "logs")
-        self.sinks = metrics_lib.MetricSinks(run_dir, enabled=jax.process_index() == 0, wandb_cfg=cfg.wandb, config_dict=cfg.to_dict())
+        self.sinks = metrics_lib.MetricSinks(
+            run_dir, enabled=jax.process_index() == 0, wandb_cfg=cfg.wandb, config_dict=cfg.to_dict(),
+            resume_step=r.start_step if r.checkpointer is not None else None,
+        )
+        self.guard = NonFiniteGuard(int(cfg.optimizer.skip_nonfinite_steps))
+        self.last_saved = r.start_step if r.start_step else None  # the newest checkpoint written or resumed
+        self.updates = r.start_step  # optimizer updates applied (steps minus skipped ones): what the LR follows
         seq_len = int(cfg.dataset.seq_length)
         self.tokens_per_step = r.plan.global_batch_size * seq_len
         self.flops_per_token = r.training.flops_per_token(seq_len)
@@ -65,7 +71,7 @@ class Trainer:
             c, n = t.eval_step(self.state["params"], parallel.make_global_batch(local, self.r.mesh))
             ce_sum, count = ce_sum + c, count + n
         loss, count = float(ce_sum) / max(int(count), 1), int(count)
-        log.info(metrics_lib.format_val_line(step, self.epoch(step), loss, t.lr_schedule.value(step), count))
+        log.info(metrics_lib.format_val_line(step, self.epoch(step), loss, t.lr_schedule.value(self.updates), count))
         self.sinks.log("validation", step, {"val_loss": loss, "num_label_tokens": count})
         return loss
 
@@ -76,12 +82,26 @@ class Trainer:
         if r.checkpointer is None:
             return
         cfg, t = r.cfg, r.training
+        if not all_finite(self.state):  # an update overflowed: finite loss and gradients, non-finite weights
+            raise NonFiniteError(
+                f"step {step}: the parameters or optimizer state are not finite after the update; stopped without "
+                f"saving; {self.kept()}"
+            )
         meta = {"step": step, "config": cfg.to_dict(), "model_config": t.hf_config.to_dict(), "tokenizer": cfg.dataset.tokenizer}
         r.checkpointer.save(step, params=self.state["params"], opt_state=self.state["opt_state"], data_iterator=r.data_iter, meta=meta)
+        self.last_saved = step
         if cfg.checkpoint.save_consolidated:
             r.checkpointer.wait()
             out = os.path.join(r.checkpointer.directory, f"hf_step_{step}")
             M.save_pretrained(nnx.merge(t.graphdef, self.state["params"], t.rest), out, tokenizer=cfg.dataset.tokenizer)
+
+    def kept(self) -> str:
+        """Which checkpoint a failed run leaves to resume from, for its error message."""
+        if self.r.checkpointer is None:
+            return "checkpoints are off (checkpoint.enabled=False)"
+        if self.last_saved is None:
+            return "no checkpoint was written yet"
+        return f"the last checkpoint, step {self.last_saved}, is kept and a rerun resumes from it"
 
     # -- metrics
 
@@ -91,13 +111,13 @@ class Trainer:
         now = time.perf_counter()
         dt, self.last_time = now - self.last_time, now
         loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise FloatingPointError(f"step {step}: loss {loss} / grad_norm {grad_norm} is not finite")
+        self.guard.check(step, loss, grad_norm, bool(m["finite"]), self.kept())  # raises when the run must stop
+        self.updates = int(m["updates"])
         tps = self.tokens_per_step / dt
         n_dev = jax.device_count()
         mfu = tps * self.flops_per_token / (self.peak_flops * n_dev) if self.peak_flops else None
         values = dict(
-            loss=loss, grad_norm=grad_norm, lr=self.r.training.lr_schedule.value(step), mem=metrics_lib.peak_memory_gib(),
+            loss=loss, grad_norm=grad_norm, lr=self.r.training.lr_schedule.value(self.updates), mem=metrics_lib.peak_memory_gib(),
             tps=tps, num_label_tokens=int(m["num_label_tokens"]),
         )
         cfg = self.r.cfg
@@ -111,6 +131,17 @@ class Trainer:
     # -- the loop
 
     def train(self) -> int:
+        try:
+            return self._train()
+        except BaseException:
+            # Whatever stopped the run, a save still being written may be the last good checkpoint:
+            # let it finish (a second failure of its own is not what the user needs to read first).
+            if self.r.checkpointer is not None:
+                self.r.checkpointer.abandon()
+            self.sinks.close()
+            raise
+
+    def _train(self) -> int:
         r, ss = self.r, self.r.cfg.step_scheduler
         total = r.data.total_steps
         if r.start_step >= total:
@@ -121,6 +152,8 @@ class Trainer:
             self.state, device_metrics = r.training.train_step(self.state, batch, jnp.int32(step - 1))
             if pending is not None:
                 self.report(*pending)
+            if r.checkpointer is not None:
+                r.checkpointer.poll()  # a background save that failed (disk full, read-only) stops the run here
             pending = (step, device_metrics)
             stopping = self.stop.should_stop(step)
             is_val = r.data.validation is not None and step % ss.val_every_steps == 0
@@ -134,7 +167,7 @@ class Trainer:
                     self.save(step)
                 self.last_time = time.perf_counter()
             if stopping:
-                log.info("SIGTERM: %s step %d, exiting", "saved" if r.checkpointer is not None else "stopped after", step)
+                log.info("%s: %s step %d, exiting", self.stop.name, "saved" if r.checkpointer is not None else "stopped after", step)
                 break
         if pending is not None:
             self.report(*pending)

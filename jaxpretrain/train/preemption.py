@@ -1,4 +1,5 @@
-"""SIGTERM (SLURM's preemption notice): save a checkpoint and exit, every process at the same step."""
+"""SIGTERM (SLURM's preemption notice) or Ctrl-C: save a checkpoint and exit, every process at the
+same step. A second Ctrl-C exits at once."""
 
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ class StopSignal:
     trains on, ignoring SIGTERM, until it is killed. Orbax's CheckpointManager also feeds it steps
     from its finalize thread. Our handler replaces the one jax.distributed installs, so build this
     right after joining the run.
+
+    Ctrl-C (SIGINT) is the same request: save at the next step, then exit. Its handler then gives
+    SIGINT back to the system's default action, so a second Ctrl-C ends the process at once, even
+    inside a long compilation or a collective where no Python code runs (what a killed save leaves is
+    never resumed from: see checkpoint.py).
     """
 
     LAG = 2
@@ -35,9 +41,11 @@ class StopSignal:
 
     def __init__(self):
         self.received = False
+        self.name = "SIGTERM"  # the signal that asked for the stop, for the log
         self.stop_at: int | None = None
         self._published = False
         signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
         self._client = None
         if jax.process_count() > 1:
             from jax._src import distributed
@@ -47,6 +55,11 @@ class StopSignal:
             StopSignal._instances += 1
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            log.warning("Ctrl-C: saving a checkpoint after this step, then exiting; press Ctrl-C again to exit at once")
+        if not self.received:
+            self.name = signal.Signals(signum).name
         self.received = True
 
     def should_stop(self, step: int) -> bool:
@@ -64,6 +77,6 @@ class StopSignal:
             if found:
                 self.stop_at = int(found[0][1])
                 if step > self.stop_at:
-                    raise RuntimeError(f"SIGTERM: step {self.stop_at} was agreed as the last step, but this process is at {step}")
-                log.info("SIGTERM: every process stops after step %d", self.stop_at)
+                    raise RuntimeError(f"{self.name}: step {self.stop_at} was agreed as the last step, but this process is at {step}")
+                log.info("%s: every process stops after step %d", self.name, self.stop_at)
         return self.stop_at is not None and step >= self.stop_at

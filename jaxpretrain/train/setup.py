@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 import jax
 import optax
@@ -21,6 +20,7 @@ from jaxpretrain import parallel
 from jaxpretrain.data import build_gpt_datasets
 from jaxpretrain.data.loader import Loader, make_loader
 from jaxpretrain.errors import UserError
+from jaxpretrain.train import memory
 from jaxpretrain.train import schedule as schedule_lib
 from jaxpretrain.train.checkpoint import TrainCheckpointer
 from jaxpretrain.train.optim import build_optimizer
@@ -175,6 +175,26 @@ def build_training(cfg, mesh, plan: BatchPlan, hf_config=None) -> Training:
     return Training(hf_config, graphdef, rest, state, state_shardings, lr_schedule, train_step, eval_step, n_params)
 
 
+def check_memory(cfg, training: Training, plan: BatchPlan, mesh) -> None:
+    """Compile the train step ahead of time (the loop then reuses it) and fail with the estimate when
+    it needs more memory per device than `distributed.device_memory_gib` or the device's limit."""
+    import jax.numpy as jnp
+
+    sharding = parallel.batch_sharding(mesh)
+    tokens = jax.ShapeDtypeStruct((plan.global_batch_size, int(cfg.dataset.seq_length)), jnp.int32, sharding=sharding)
+    compiled = training.train_step.lower(training.state, {"input_ids": tokens, "labels": tokens}, jnp.int32(0)).compile()
+    limit = cfg.distributed.device_memory_gib
+    need = memory.check_fits(
+        compiled, jax.local_devices()[0], limit=None if limit is None else int(limit * memory.GIB),
+        advice=(
+            "lower step_scheduler.local_batch_size (more gradient accumulation, same global batch), "
+            "set model.remat=True, or shard over more devices (distributed.dp_size)"
+        ),
+    )
+    if need is not None:
+        log.info("Train step memory per device: %.2f GiB (XLA's estimate before step 1)", need.peak / memory.GIB)
+
+
 # ------------------------------------------------------------------------------------------------- data
 
 
@@ -187,17 +207,19 @@ class Data:
     total_steps: int  # max_steps, or fewer when num_epochs runs out first
 
 
-def build_data(cfg, plan: BatchPlan) -> Data:
+def build_data(cfg, plan: BatchPlan, vocab_size: int | None = None) -> Data:
+    """The datasets and the train loader; with `vocab_size` (the model's), every token file is first
+    checked to hold only ids below it (on a GPU a bad id would be clamped silently)."""
     ds_cfg, val_cfg = cfg.dataset, cfg.validation_dataset
     train_ds = build_gpt_datasets(
         ds_cfg.paths, seq_length=ds_cfg.seq_length, split=ds_cfg.split, seed=ds_cfg.seed,
-        num_samples=(plan.train_samples, 0, 0), cache_dir=ds_cfg.index_mapping_dir,
+        num_samples=(plan.train_samples, 0, 0), cache_dir=ds_cfg.index_mapping_dir, vocab_size=vocab_size,
     )[0]
     val_ds = None
     if plan.val_samples and cfg.step_scheduler.val_every_steps:
         val_ds = build_gpt_datasets(
             val_cfg.paths, seq_length=val_cfg.seq_length, split=val_cfg.split, seed=val_cfg.seed,
-            num_samples=(0, plan.val_samples, 0), cache_dir=val_cfg.index_mapping_dir,
+            num_samples=(0, plan.val_samples, 0), cache_dir=val_cfg.index_mapping_dir, vocab_size=vocab_size,
         )[1]
     steps_per_epoch = len(train_ds) // plan.global_batch_size
     if steps_per_epoch == 0:
@@ -242,8 +264,9 @@ def setup(cfg) -> Run:
     mesh = make_mesh(cfg)
     plan = plan_batches(cfg, parallel.data_parallel_size(mesh))
     hf_config = model_config(cfg)
-    data = build_data(cfg, plan)
+    data = build_data(cfg, plan, vocab_size=int(hf_config.vocab_size))
     training = build_training(cfg, mesh, plan, hf_config)
+    check_memory(cfg, training, plan, mesh)  # before any checkpoint is touched
     state, data_iter = training.state, iter(data.loader)
     ckpt, start_step = None, 0
     if cfg.checkpoint.enabled:
@@ -255,6 +278,9 @@ def setup(cfg) -> Run:
             restored = ckpt.restore(latest, params=state["params"], opt_state=state["opt_state"], data_iterator=data_iter)
             state = {"params": restored["params"], "opt_state": restored["opt_state"]}
             start_step = latest
-            log.info("Resumed from %s at step %d", os.path.join(ckpt.directory, str(latest)), latest)
+            log.info(ckpt.resume_message(latest))
+        elif ckpt.incomplete:
+            log.info("Starting at step 1: no complete checkpoint in %s (%s incomplete and ignored)",
+                     ckpt.directory, ", ".join(map(str, ckpt.incomplete)))
     training.state = None  # the Run's state is the one to use (the initial one may have been donated)
     return Run(cfg, mesh, plan, data, training, state, data_iter, ckpt, start_step)
