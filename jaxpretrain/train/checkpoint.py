@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 
 import jax
@@ -84,6 +85,24 @@ class _QuietOrbaxErrors(logging.Filter):
 _QUIET = _QuietOrbaxErrors()
 
 
+def _ignore_late_write_callbacks() -> None:
+    """When a save fails, Orbax closes the event loop of the failed write while tensorstore still has
+    other writes of it in flight; their completion callbacks then find the loop closed and go to
+    `sys.unraisablehook` as tracebacks, before the failure reaches the main thread. Those (and only
+    those) are dropped: the failure itself is reported as one line."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxpretrain", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._jaxpretrain = True
+    sys.unraisablehook = hook
+
+
 class TrainCheckpointer:
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.directory = os.path.abspath(directory)
@@ -103,6 +122,7 @@ class TrainCheckpointer:
             todelete_subdir=None if read_only else TRASH,
         )
         logging.getLogger("absl").addFilter(_QUIET)
+        _ignore_late_write_callbacks()
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         except OSError as e:
@@ -135,6 +155,7 @@ class TrainCheckpointer:
         )
         if self._saving is not None:
             self.wait()  # Orbax would wait too; this way a failure is pinned on the right step
+        self._check_writable(step)
         try:
             self._manager.save(step, args=args, force=True)
         except Exception as e:
@@ -205,6 +226,19 @@ class TrainCheckpointer:
             f"{self.directory}: cannot write checkpoint {what} ({problem}); {kept} once the directory is writable "
             f"and has space again"
         ) from None
+
+    def _check_writable(self, step: int) -> None:
+        # Orbax 0.12 creates a save's directories in a background thread, and when that fails (a
+        # directory that turned read-only) the main thread waits forever for its signal. A file
+        # created and removed first turns that case into an error here.
+        probe = os.path.join(self.directory, f".write-probe-{jax.process_index()}-{os.getpid()}")
+        try:
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            self._raise_storage(e, step)
+            raise
 
     def _clean_trash_in_background(self) -> None:
         # What the previous save's finalization moved to the trash; removing it can take a while on
