@@ -189,34 +189,39 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_losses(work, base
     moments = [mid_step, mid_validation, checkpoint_write, during_training]
     rng.shuffle(moments)
     moments = [after_start] + moments
+    def check_resume(run, complete, partial):
+        """The run started from the newest checkpoint complete at its launch, naming the partial ones."""
+        resumed = [m for m in map(RESUMED.search, run.lines) if m]
+        if not complete:
+            assert not resumed, (run.output[-3000:], context)
+            return
+        assert resumed, (run.output[-3000:], context)
+        where, step, why = resumed[0].group(1), int(resumed[0].group(2)), resumed[0].group(3)
+        assert step == complete[-1] and where == str(ckpt / str(step)), (run.output[-3000:], context)
+        assert why.startswith("newest complete checkpoint"), why
+        for k in partial:
+            assert re.search(rf"\b{k}\b.*incomplete and ignored", why), (why, context)
+        steps = run.steps()
+        assert not steps or steps[0] == step + 1, (steps, context)
+
     killed_mid_write = 0
-    previous_complete = None
+    complete, partial = [], []
     for moment in moments:
         run = Run(work, ckpt)
         moment(run)
         run.kill()
         assert run.finish() == -signal.SIGKILL, run.output[-3000:]
-        resumed = [m for m in map(RESUMED.search, run.lines) if m]
+        check_resume(run, complete, partial)
         complete, partial = on_disk(ckpt)
-        if previous_complete:
-            # It started from the newest checkpoint that was complete when it was launched.
-            assert resumed and int(resumed[0].group(2)) == previous_complete[-1], (run.output[-3000:], context)
         if moment is checkpoint_write and partial:
             killed_mid_write += 1
-        previous_complete = complete
+        steps = run.steps()
+        print(f"killed {moment.__name__}: last step line {steps[-1] if steps else '-'}, then on disk: "
+              f"complete {complete}, partial {partial} {context}")
 
     final = Run(work, ckpt)
     assert final.finish() == 0, final.output[-3000:]
-    resumed = [m for m in map(RESUMED.search, final.lines) if m]
-    complete_before, partial_before = previous_complete, partial
-    if complete_before:
-        step = int(resumed[0].group(2))
-        assert step == complete_before[-1], (final.output[-3000:], context)
-        assert resumed[0].group(1) == str(ckpt / str(step))
-        assert "newest complete checkpoint" in resumed[0].group(3)
-        for k in partial_before:
-            assert re.search(rf"\b{k}\b.*incomplete and ignored", resumed[0].group(3)), resumed[0].group(3)
-        assert final.steps()[0] == step + 1
+    check_resume(final, complete, partial)
     assert final.steps()[-1] == 24
     logged = {int(m.group(1)): float(m.group(2)) for m in map(STEP.search, final.lines) if m}
     assert all(f"{baseline[s]:.4f}" == f"{loss:.4f}" for s, loss in logged.items()), context
@@ -284,6 +289,7 @@ def good_checkpoint(work, tmp_path):
         # check before saving step 5 finds the non-finite weights.
         (1e39, 5, "the parameters or optimizer state are not finite after the update"),
     ],
+    ids=["nan_loss", "weights_overflow"],
 )
 def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(work, good_checkpoint, lr, bad_step, what):
     ckpt = good_checkpoint

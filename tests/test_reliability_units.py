@@ -157,3 +157,17 @@ def test_metrics_of_a_killed_run_are_cut_back_to_the_resumed_step(tmp_path):
     MetricSinks(str(run_dir), enabled=True).close()
     with open(run_dir / "train.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_metrics_on_a_full_disk_are_one_line_naming_the_file(tmp_path):
+    from jaxpretrain.train.metrics import MetricSinks
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    run_dir = tmp_path / "logs"
+    run_dir.mkdir()
+    os.symlink("/dev/full", run_dir / "train.jsonl")  # every write: ENOSPC
+    sinks = MetricSinks(str(run_dir), enabled=True, resume_step=0)
+    with pytest.raises(UserError) as info:
+        sinks.log("train", 1, {"loss": 1.0})
+    assert str(info.value) == f"{run_dir / 'train.jsonl'}: cannot write metrics (No space left on device)"

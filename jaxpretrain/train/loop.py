@@ -138,7 +138,10 @@ class Trainer:
             # let it finish (a second failure of its own is not what the user needs to read first).
             if self.r.checkpointer is not None:
                 self.r.checkpointer.abandon()
-            self.sinks.close()
+            try:
+                self.sinks.close()
+            except Exception:
+                pass  # e.g. the same full disk again: the first error is the one to report
             raise
 
     def _train(self) -> int:

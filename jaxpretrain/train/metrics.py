@@ -131,11 +131,10 @@ class MetricSinks:
 def _keep_records_up_to(path: str, step: int | None) -> None:
     """Rewrite a metrics JSONL (atomically) without a torn last line and, unless `step` is None,
     without the records after `step`."""
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
-    except FileNotFoundError:
-        return
+    if not os.path.isfile(path):
+        return  # nothing yet (or not a plain file: leave it alone)
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
     kept = []
     for line in lines:
         try:
