@@ -77,16 +77,17 @@ def test_memory_check_against_an_injected_limit(training):
     need = memory.StepMemory.of(compiled)
     # XLA's estimate covers at least the state it is handed (parameters + two AdamW moments, float32).
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(t.state))
-    assert need.arguments >= state_bytes and need.peak >= state_bytes
+    assert need.arguments >= state_bytes and need.total >= state_bytes
     device = jax.local_devices()[0]
     assert memory.device_limit(device) is None  # CPU: no limit reported, so nothing is refused
     assert memory.check_fits(compiled, device, advice="x") == need
-    assert memory.check_fits(compiled, device, limit=need.peak, advice="x") == need  # exactly enough
+    assert memory.check_fits(compiled, device, limit=need.total, advice="x") == need  # exactly enough
     with pytest.raises(UserError) as info:
-        memory.check_fits(compiled, device, limit=need.peak - 1, advice="lower it")
+        memory.check_fits(compiled, device, limit=need.total - 1, advice="lower it")
     message = str(info.value)
     assert message.startswith("step_scheduler.local_batch_size: the train step needs about ")
-    assert f"{need.peak / 2**30:.2f} GiB per device" in message and message.endswith("; lower it")
+    assert f"needs about {memory.size(need.total)} per device" in message and message.endswith("; lower it")
+    assert memory.size(3 * 2**30) == "3.00 GiB" and memory.size(5 * 2**20) == "5.0 MiB"
 
 
 def test_guard_counts_skips_in_a_row_and_resets_on_a_finite_step(caplog):

@@ -19,13 +19,18 @@ GIB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class StepMemory:
-    """Bytes one device needs for one train step, from XLA's buffer assignment."""
+    """Bytes one device holds while the train step runs, from XLA's buffer assignment."""
 
-    arguments: int   # state + batch passed in
-    outputs: int     # new state + metrics
-    aliased: int     # outputs written over donated arguments (counted once)
-    temporaries: int  # activations, gradients, scratch
-    peak: int        # XLA's peak of live buffers when it reports one, else the (larger) sum above
+    arguments: int    # state + batch passed in
+    outputs: int      # new state + metrics
+    aliased: int      # outputs written over donated arguments (counted once)
+    temporaries: int  # activations, gradients, scratch: one buffer, reuse already planned inside
+    code: int         # the compiled program
+
+    @property
+    def total(self) -> int:
+        """What the device must hold at once (MaxText's "total memory size" of a compiled step)."""
+        return self.arguments + self.outputs - self.aliased + self.temporaries + self.code
 
     @classmethod
     def of(cls, compiled) -> "StepMemory | None":
@@ -34,13 +39,10 @@ class StepMemory:
             return None
         if isinstance(analysis, (list, tuple)):  # one entry per device program on some backends
             analysis = analysis[0]
-        arguments = int(analysis.argument_size_in_bytes)
-        outputs = int(analysis.output_size_in_bytes)
-        aliased = int(analysis.alias_size_in_bytes)
-        temporaries = int(analysis.temp_size_in_bytes)
-        total = arguments + outputs - aliased + temporaries + int(getattr(analysis, "generated_code_size_in_bytes", 0))
-        peak = int(getattr(analysis, "peak_memory_in_bytes", 0) or 0)
-        return cls(arguments, outputs, aliased, temporaries, peak or total)
+        return cls(
+            int(analysis.argument_size_in_bytes), int(analysis.output_size_in_bytes), int(analysis.alias_size_in_bytes),
+            int(analysis.temp_size_in_bytes), int(getattr(analysis, "generated_code_size_in_bytes", 0) or 0),
+        )
 
 
 def device_limit(device) -> int | None:
@@ -55,10 +57,15 @@ def check_fits(compiled, device, *, limit: int | None = None, advice: str) -> St
     (default: the device's). Returns the estimate (None if the backend gives none)."""
     need = StepMemory.of(compiled)
     limit = device_limit(device) if limit is None else limit
-    if need is None or limit is None or need.peak <= limit:
+    if need is None or limit is None or need.total <= limit:
         return need
     raise UserError(
-        f"step_scheduler.local_batch_size: the train step needs about {need.peak / GIB:.2f} GiB per device "
-        f"(state and batch {need.arguments / GIB:.2f}, temporaries {need.temporaries / GIB:.2f}), more than the "
-        f"{limit / GIB:.2f} GiB {getattr(device, 'device_kind', 'device')} can give; {advice}"
+        f"step_scheduler.local_batch_size: the train step needs about {size(need.total)} per device "
+        f"(state and batch {size(need.arguments)}, temporaries {size(need.temporaries)}), more than the "
+        f"{size(limit)} {getattr(device, 'device_kind', 'device')} can give; {advice}"
     )
+
+
+def size(n: int) -> str:
+    """Bytes for people: GiB from a tenth of one up, MiB below."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"

@@ -192,7 +192,7 @@ def check_memory(cfg, training: Training, plan: BatchPlan, mesh) -> None:
         ),
     )
     if need is not None:
-        log.info("Train step memory per device: %.2f GiB (XLA's estimate before step 1)", need.peak / memory.GIB)
+        log.info("Train step memory per device: %s (XLA's estimate before step 1)", memory.size(need.total))
 
 
 # ------------------------------------------------------------------------------------------------- data
