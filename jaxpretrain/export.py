@@ -15,13 +15,16 @@ import tempfile
 from jaxpretrain.errors import UserError, run_cli
 
 
-def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None) -> str:
+def load_checkpoint_model(checkpoint_dir: str, step: int | None = None):
+    """(model, meta) of a training checkpoint's `params` (the newest step unless `step`), on one device.
+
+    `meta` is what the train loop saved beside them: step, config, model_config, tokenizer.
+    """
     import jax
     import transformers
     from flax import nnx
 
     import jaxpretrain.model as M
-    from jaxpretrain.tokenizer import save_tokenizer
     from jaxpretrain.train.checkpoint import TrainCheckpointer
 
     ckpt = TrainCheckpointer(checkpoint_dir, read_only=True)
@@ -37,13 +40,20 @@ def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None)
     vocab_multiple = int(meta["config"]["model"]["vocab_multiple"])
 
     # The parameters' shapes without allocating them (every model variable is a parameter);
-    # restored onto one device for writing.
+    # restored onto one device.
     graphdef, abstract_params = M.abstract_model(hf_config, vocab_multiple=vocab_multiple)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract_params)
     params = ckpt.restore_params(step, target)
     ckpt.close()
-    model = nnx.merge(graphdef, params)
+    return nnx.merge(graphdef, params), meta
+
+
+def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None) -> str:
+    import jaxpretrain.model as M
+    from jaxpretrain.tokenizer import save_tokenizer
+
+    model, meta = load_checkpoint_model(checkpoint_dir, step)
 
     out = os.path.abspath(output)
     parent = os.path.dirname(out)
