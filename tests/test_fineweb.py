@@ -21,6 +21,7 @@ from test_train import as_flags, python, tiny_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = "fineweb_edu_10bt_shuffled"
+IN_ORDER = "fineweb_edu_10bt"
 WORDS = np.array("the of and a to in is was for on that with as by at from his an were are which be this".split())
 
 
@@ -115,6 +116,13 @@ def test_every_document_once_shuffled_seeded_with_all_columns(shards, tmp_path):
     first_chunk = [json.loads(line)["id"] for line in files["fineweb_edu_10bt.chunk.00.jsonl"][:100]]
     assert {i.split("-")[0] for i in first_chunk} == {f"<urn:uuid:{s:03d}" for s in range(4)}
 
+    # In input order too, one file per shard (lingua's datatrove step, the files the seed preprocesses).
+    in_order = tmp_path / "a" / IN_ORDER
+    assert sorted(os.listdir(in_order)) == [f"fineweb_edu_10bt.chunk.{i:05d}.jsonl" for i in range(4)]
+    for i in range(4):
+        got = [json.loads(line) for line in open(in_order / f"fineweb_edu_10bt.chunk.{i:05d}.jsonl")]
+        assert [g["id"] for g in got] == [r["id"] for r in rows[250 * i : 250 * (i + 1)]]
+
     rc, _, err = fineweb("--data-dir", tmp_path / "b", "--seed", 42, "--nchunks", 3, "--source", src, "--val-lines-per-chunk", 20)
     assert rc == 0, err
     assert read_out(tmp_path / "b") == files  # the same seed: byte-identical output
@@ -152,6 +160,24 @@ def test_chunks_and_validation_are_lingua_split_head_sed(shards, tmp_path):
     rc, _, err = fineweb("--data-dir", tmp_path / "three", "--nchunks", 2, "--source", src, "--val-lines-per-chunk", 7)
     assert rc == 0, err
     assert sorted(os.listdir(ours)) == [f"fineweb_edu_10bt.chunk.0{i}.jsonl" for i in range(2)] + ["fineweb_edu_10bt.val.jsonl"]
+
+
+def test_in_order_files_follow_datatrove_ranks_past_64_shards(tmp_path):
+    """datatrove's 64 tasks take the sorted files rank, rank+64, ...: 66 shards give 64 files, the
+    first two holding two shards each; --shuffled-only writes none of them."""
+    src = tmp_path / "many"
+    rows = write_shards(str(src), 66, 3, words_per_doc=5)
+    rc, _, err = fineweb("--data-dir", tmp_path / "d", "--source", src, "--val-lines-per-chunk", 0)
+    assert rc == 0, err
+    in_order = tmp_path / "d" / IN_ORDER
+    assert sorted(os.listdir(in_order)) == [f"fineweb_edu_10bt.chunk.{r:05d}.jsonl" for r in range(64)]
+    ids = lambda r: [json.loads(line)["id"] for line in open(in_order / f"fineweb_edu_10bt.chunk.{r:05d}.jsonl")]
+    shard = lambda s: [r["id"] for r in rows[3 * s : 3 * s + 3]]
+    assert ids(0) == shard(0) + shard(64) and ids(1) == shard(1) + shard(65) and ids(63) == shard(63)
+    rc, out, err = fineweb("--data-dir", tmp_path / "e", "--source", src, "--val-lines-per-chunk", 0, "--shuffled-only")
+    assert rc == 0, err
+    assert not (tmp_path / "e" / IN_ORDER).exists() or not os.listdir(tmp_path / "e" / IN_ORDER)
+    assert len(read_out(tmp_path / "e")["fineweb_edu_10bt.chunk.00.jsonl"]) == 198
 
 
 def test_peak_memory_does_not_grow_with_the_input(tmp_path):
@@ -195,12 +221,13 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path):
         assert rc == 2, (expected, out, err)
         assert len(err.strip().splitlines()) <= 2 and "Traceback" not in err, err  # the download notice + the error
         assert err.strip().splitlines()[-1].startswith("error: ") and expected in err, err
-        shuffled = data_dir / OUT
-        assert not shuffled.exists() or not os.listdir(shuffled), os.listdir(shuffled)
+        for d in (data_dir / OUT, data_dir / IN_ORDER):
+            assert not d.exists() or not os.listdir(d), os.listdir(d)
 
 
 def test_output_preprocesses_and_trains(tmp_path):
-    """Real text (CPython's stdlib as parquet shards) -> fineweb -> preprocess -> two training steps."""
+    """Real text (CPython's stdlib as parquet shards) -> fineweb -> preprocess -> two training steps.
+    The input-order files tokenize exactly as the parquet shards themselves do."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -213,13 +240,23 @@ def test_output_preprocesses_and_trains(tmp_path):
         pq.write_table(pa.Table.from_pylist(rows), src / f"{i:03d}_00000.parquet")
     rc, _, err = fineweb("--data-dir", tmp_path / "data", "--nchunks", 2, "--source", src, "--val-lines-per-chunk", 10)
     assert rc == 0, err
-    shuffled = tmp_path / "data" / OUT
-    r = python(
-        "-m", "jaxpretrain.preprocess", "--input", str(shuffled / "fineweb_edu_10bt.chunk.*.jsonl"), "--json-keys", "text",
-        "--output-prefix", "processed_data", "--output-path", str(tmp_path / "tok"), "--workers", "2", "--append-eod",
-    )
-    assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(tmp_path / "tok")) == [f"processed_data_{i}_text_document.{e}" for i in range(2) for e in ("bin", "idx")]
+
+    def preprocess(pattern, out, *extra):
+        r = python("-m", "jaxpretrain.preprocess", "--input", pattern, "--json-keys", "text", "--output-prefix",
+                   "processed_data", "--output-path", str(out), "--workers", "2", "--append-eod", *extra)
+        assert r.returncode == 0, r.stderr
+        return sorted(os.listdir(out))
+
+    # The seed's command on the input-order files = the same command on the parquet shards.
+    seed_glob = str(tmp_path / "data" / IN_ORDER / "fineweb_edu_10bt.chunk.*.jsonl")
+    names = preprocess(seed_glob, tmp_path / "tok_seed")
+    assert names == preprocess(str(src / "*.parquet"), tmp_path / "tok_parquet", "--input-type", "parquet")
+    for name in names:
+        assert (tmp_path / "tok_seed" / name).read_bytes() == (tmp_path / "tok_parquet" / name).read_bytes(), name
+
+    shuffled = str(tmp_path / "data" / OUT / "fineweb_edu_10bt.chunk.*.jsonl")
+    names = preprocess(shuffled, tmp_path / "tok")
+    assert names == [f"processed_data_{i}_text_document.{e}" for i in range(2) for e in ("bin", "idx")]
     ckpt = str(tmp_path / "ckpt")
     overrides = tiny_overrides(str(tmp_path / "tok" / "processed_data_*_text_document*"), ckpt, **{
         "step_scheduler.max_steps": 2, "step_scheduler.val_every_steps": 2, "step_scheduler.ckpt_every_steps": 2,

@@ -1,4 +1,4 @@
-"""CLI: FineWeb-Edu 10BT parquet -> shuffled JSONL chunks, the seed's data preparation without lingua.
+"""CLI: FineWeb-Edu 10BT parquet -> JSONL, input order and shuffled: the seed's data preparation without lingua.
 
     python -m jaxpretrain.data.fineweb --data-dir DATA_DIR --seed 42 --nchunks 1 [--memory GB] [--source PARQUET_DIR]
 
@@ -7,18 +7,21 @@ What lingua's `setup/download_prepare_hf_data.py fineweb_edu_10bt MEMORY --data_
 
 - the parquet shards of `HuggingFaceFW/fineweb-edu` matching `sample/10BT/*` are downloaded with
   `huggingface_hub` into `DATA_DIR/fineweb_edu_10bt/` (or read from `--source`, offline);
-- every row becomes one JSON line (`text` and the parquet's other columns), all lines are shuffled
-  (terashuf's job), dealt round-robin over `--nchunks` files (`split -n r/N`) named
-  `DATA_DIR/fineweb_edu_10bt_shuffled/fineweb_edu_10bt.chunk.NN.jsonl`, and the first
+- every row becomes one JSON line (`text` and the parquet's other columns), written in input order to
+  `DATA_DIR/fineweb_edu_10bt/fineweb_edu_10bt.chunk.NNNNN.jsonl` (lingua's datatrove step: one file
+  per parquet shard, 64 at most). These are the files the seed's guide preprocesses;
+- all lines are shuffled (terashuf's job), dealt round-robin over `--nchunks` files (`split -n r/N`)
+  named `DATA_DIR/fineweb_edu_10bt_shuffled/fineweb_edu_10bt.chunk.NN.jsonl`, and the first
   `--val-lines-per-chunk` lines of each chunk go to `fineweb_edu_10bt.val.jsonl` (lingua's k_validation).
 
 The shuffle is external, so memory stays bounded whatever the input size: pass 1 streams parquet
-record batches and scatters each line to one of B bucket files on disk (the bucket drawn from a
-seeded numpy Generator per input file, so workers do not change the result); pass 2 loads one bucket
-at a time (B is chosen so one fits in a fraction of `--memory`), permutes it with a seeded Generator
-and deals its lines to the chunks. A fixed seed and `--memory` give the same output (as with terashuf,
-whose output also depends on its MEMORY). Outputs are written under temporary names and renamed only
-when everything is written.
+record batches and scatters each line to one of B bucket files on disk (the bucket drawn uniformly
+from a Generator seeded per input file, so workers do not change the result); pass 2 loads one
+bucket at a time (B is chosen so one fits in a quarter of `--memory`), permutes it with a seeded
+Generator and deals its lines to the chunks. Uniform buckets, each uniformly permuted, make a uniform
+permutation of the whole. A fixed seed and `--memory` give the same output (as with terashuf, whose
+output also depends on its MEMORY). Outputs are written under temporary names and renamed only when
+everything is written.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ REPO_ID = "HuggingFaceFW/fineweb-edu"
 ALLOW_PATTERNS = "sample/10BT/*"
 PARQUET_SUFFIXES = (".parquet", ".pq")
 MAX_CHUNKS = 100  # split's `-d --suffix-length 2` names: 00..99
+DATATROVE_TASKS = 64  # lingua's parquet_to_jsonl(ntasks=64)
 MAX_BUCKETS = 4096  # bounds the bucket files one worker holds open
 # One bucket is loaded whole in pass 2, plus its newline scan (a byte per byte) and line offsets:
 # sizing buckets at a quarter of --memory keeps the peak well under it.
@@ -59,7 +63,13 @@ WRITE_BUFFER = 1 << 16  # per bucket file in pass 1, per output file in pass 2
 
 
 def chunk_name(index: int) -> str:
+    """A shuffled chunk (split's `-d --suffix-length 2` numbering)."""
     return f"{DATASET}.chunk.{index:02d}.jsonl"
+
+
+def conversion_name(rank: int) -> str:
+    """An input-order JSONL file (datatrove's `${rank}` numbering); the seed's preprocess reads these."""
+    return f"{DATASET}.chunk.{rank:05d}.jsonl"
 
 
 VAL_NAME = f"{DATASET}.val.jsonl"
@@ -168,8 +178,11 @@ def _init_worker(counter) -> None:
     _progress_rows = counter
 
 
-def scatter_file(file_index: int, path: str, work_dir: str, buckets: int, seed: int) -> tuple[int, int]:
-    """Write the rows of one parquet file, as JSON lines, to its B bucket parts; returns (rows, bytes).
+def scatter_file(
+    file_index: int, path: str, work_dir: str, buckets: int, seed: int, jsonl_path: str | None,
+) -> tuple[int, int]:
+    """Write the rows of one parquet file, as JSON lines, to its B bucket parts (and, in input order,
+    to `jsonl_path` if given); returns (rows, bytes).
 
     The bucket of each row comes from a Generator seeded by (seed, file index): the scatter does not
     depend on which worker runs which file, or when.
@@ -178,6 +191,7 @@ def scatter_file(file_index: int, path: str, work_dir: str, buckets: int, seed: 
 
     rng = np.random.default_rng([seed, 0, file_index])
     outs = [open(bucket_part(work_dir, b, file_index), "wb", buffering=WRITE_BUFFER) for b in range(buckets)]
+    in_order = open(jsonl_path, "wb", buffering=1 << 20) if jsonl_path else None
     rows = nbytes = 0
     encode = json.JSONEncoder(ensure_ascii=False, default=_json_default).encode
     try:
@@ -190,6 +204,8 @@ def scatter_file(file_index: int, path: str, work_dir: str, buckets: int, seed: 
                 for record, b in zip(batch.to_pylist(), targets.tolist()):
                     line = (encode(record) + "\n").encode("utf-8")
                     outs[b].write(line)
+                    if in_order is not None:
+                        in_order.write(line)
                     nbytes += len(line)
                 rows += batch.num_rows
                 if _progress_rows is not None:
@@ -198,7 +214,7 @@ def scatter_file(file_index: int, path: str, work_dir: str, buckets: int, seed: 
         except (OSError, ValueError) as e:  # pyarrow's read errors are ArrowException (an OSError/ValueError)
             raise UserError(f"{path}: cannot read row data ({_first_line(e)})") from None
     finally:
-        for f in outs:
+        for f in outs + ([in_order] if in_order is not None else []):
             f.close()
     return rows, nbytes
 
@@ -207,9 +223,12 @@ def _scatter_star(args) -> tuple[int, int]:
     return scatter_file(*args)
 
 
-def scatter(inputs: list[ParquetInput], work_dir: str, buckets: int, seed: int, workers: int, progress) -> tuple[int, int]:
+def scatter(
+    inputs: list[ParquetInput], work_dir: str, buckets: int, seed: int, workers: int, progress,
+    jsonl_paths: list[str | None],
+) -> tuple[int, int]:
     """Pass 1 over all files, `workers` at a time; returns total (rows, bytes)."""
-    jobs = [(i, inp.path, work_dir, buckets, seed) for i, inp in enumerate(inputs)]
+    jobs = [(i, inp.path, work_dir, buckets, seed, jsonl_paths[i]) for i, inp in enumerate(inputs)]
     if workers == 1 or len(jobs) == 1:
         rows = nbytes = 0
         for job in jobs:
@@ -291,13 +310,16 @@ class Summary:
     val_lines: int
     buckets: int
     out_dir: str
+    jsonl_files: int
+    jsonl_dir: str
     seconds: float
 
     def line(self) -> str:
+        converted = f"; in input order: {self.jsonl_files} files in {self.jsonl_dir}" if self.jsonl_files else ""
         return (
             f"fineweb: {self.documents:,} documents ({self.bytes / 1e6:,.1f} MB of JSONL) from {self.files} parquet "
-            f"files -> {len(self.chunk_lines)} chunks ({sum(self.chunk_lines):,} lines) + {self.val_lines:,} "
-            f"validation lines in {self.out_dir} ({self.buckets} buckets, {self.seconds:.1f} s)"
+            f"files -> shuffled: {len(self.chunk_lines)} chunks ({sum(self.chunk_lines):,} lines) + {self.val_lines:,} "
+            f"validation lines in {self.out_dir}{converted} ({self.buckets} buckets, {self.seconds:.1f} s)"
         )
 
 
@@ -325,9 +347,23 @@ class _Bar:
             print(f"{self.desc}: {self.done:,} documents in {time.perf_counter() - self.start:.1f} s", file=sys.stderr, flush=True)
 
 
+def conversion_ranks(num_files: int) -> list[list[int]]:
+    """lingua's parquet -> JSONL step (datatrove, 64 tasks): task r converts the sorted files r, r+64, ...
+    into `fineweb_edu_10bt.chunk.{r:05d}.jsonl`; tasks without a file write nothing."""
+    return [list(range(r, num_files, DATATROVE_TASKS)) for r in range(min(num_files, DATATROVE_TASKS))]
+
+
+def _remove_stale(directory: str, name_of, first: int, last: int) -> None:
+    """Files of an earlier, larger run would otherwise join `--input "...chunk.*.jsonl"`."""
+    for i in range(first, last):
+        stale = os.path.join(directory, name_of(i))
+        if os.path.exists(stale):
+            os.remove(stale)
+
+
 def prepare(
     data_dir: str, *, seed: int = 42, nchunks: int = 1, memory_gb: float = 8.0, source: str | None = None,
-    val_lines_per_chunk: int = 10000, workers: int | None = None,
+    val_lines_per_chunk: int = 10000, workers: int | None = None, shuffled_only: bool = False,
 ) -> Summary:
     start = time.perf_counter()
     if not 1 <= nchunks <= MAX_CHUNKS:
@@ -343,30 +379,52 @@ def prepare(
     total_rows = sum(i.rows for i in inputs)
     buckets = num_buckets(sum(i.nbytes for i in inputs), memory_gb * 1e9)
     out_dir = os.path.join(data_dir, f"{DATASET}_shuffled")
+    jsonl_dir = os.path.join(data_dir, DATASET)
     try:
         os.makedirs(out_dir, exist_ok=True)
+        os.makedirs(jsonl_dir, exist_ok=True)
     except OSError as e:
-        raise UserError(f"--data-dir {data_dir}: cannot create {out_dir} ({e.strerror})") from None
+        raise UserError(f"--data-dir {data_dir}: cannot create its output directories ({e.strerror})") from None
 
     work_dir = tempfile.mkdtemp(prefix=".fineweb-buckets-", dir=out_dir)
-    tmp_paths = []
+    # Every output is written under a temporary name; `renames` happen only once all are complete.
+    tmp_paths, renames = [], []
     try:
-        bar = _Bar(total_rows, "shuffle pass 1/2 (scatter)")
-        documents, nbytes = scatter(inputs, work_dir, buckets, seed, workers, bar)
+        jsonl_parts: list[str | None] = [None] * len(inputs)
+        if not shuffled_only:
+            jsonl_parts = [os.path.join(jsonl_dir, f".{DATASET}.file{i:05d}.jsonl.tmp") for i in range(len(inputs))]
+            tmp_paths += jsonl_parts
+        bar = _Bar(total_rows, "pass 1/2: parquet -> JSONL, scattered to buckets")
+        documents, nbytes = scatter(inputs, work_dir, buckets, seed, workers, bar, jsonl_parts)
         bar.close()
+        if not shuffled_only:
+            for r, files in enumerate(conversion_ranks(len(inputs))):
+                final = os.path.join(jsonl_dir, conversion_name(r))
+                if len(files) == 1:
+                    renames.append((jsonl_parts[files[0]], final))
+                    continue
+                joined = os.path.join(jsonl_dir, f".{conversion_name(r)}.tmp")
+                tmp_paths.append(joined)
+                with open(joined, "wb") as out:
+                    for i in files:
+                        with open(jsonl_parts[i], "rb") as f:
+                            shutil.copyfileobj(f, out, 1 << 20)
+                        os.remove(jsonl_parts[i])
+                renames.append((joined, final))
 
         chunk_tmp = [os.path.join(out_dir, f".{chunk_name(c)}.tmp") for c in range(nchunks)]
         val_parts = [os.path.join(work_dir, f"val.{c:02d}") for c in range(nchunks)]
-        tmp_paths = list(chunk_tmp)
+        tmp_paths += chunk_tmp
         chunk_files = [open(p, "wb", buffering=WRITE_BUFFER) for p in chunk_tmp]
         val_files = [open(p, "wb", buffering=WRITE_BUFFER) for p in val_parts]
-        bar = _Bar(documents, "shuffle pass 2/2 (shuffle, deal)")
+        bar = _Bar(documents, "pass 2/2: buckets shuffled, dealt to chunks")
         try:
             kept = deal(len(inputs), work_dir, buckets, seed, chunk_files, val_files, val_lines_per_chunk, bar)
         finally:
             for f in chunk_files + val_files:
                 f.close()
         bar.close()
+        renames += [(tmp, os.path.join(out_dir, chunk_name(c))) for c, tmp in enumerate(chunk_tmp)]
 
         # lingua appends `head -n k` of chunk 0, 1, ... to the validation file: the same order here.
         val_tmp = os.path.join(out_dir, f".{VAL_NAME}.tmp")
@@ -375,23 +433,24 @@ def prepare(
             for p in val_parts:
                 with open(p, "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 20)
-        for c, tmp in enumerate(chunk_tmp):
-            os.replace(tmp, os.path.join(out_dir, chunk_name(c)))
-        os.replace(val_tmp, os.path.join(out_dir, VAL_NAME))
-        # Chunks of an earlier run with more chunks would otherwise join `--input "...chunk.*.jsonl"`.
-        for c in range(nchunks, MAX_CHUNKS):
-            stale = os.path.join(out_dir, chunk_name(c))
-            if os.path.exists(stale):
-                os.remove(stale)
+        renames.append((val_tmp, os.path.join(out_dir, VAL_NAME)))
+
+        for tmp, final in renames:
+            os.replace(tmp, final)
+        _remove_stale(out_dir, chunk_name, nchunks, MAX_CHUNKS)
+        if not shuffled_only:
+            _remove_stale(jsonl_dir, conversion_name, len(conversion_ranks(len(inputs))), DATATROVE_TASKS)
     except OSError as e:
-        raise UserError(f"{out_dir}: cannot write the shuffled output ({e.strerror or e})") from None
+        raise UserError(f"{data_dir}: cannot write the output ({e.strerror or e})") from None
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
         for p in tmp_paths:
-            if os.path.exists(p):
+            if p and os.path.exists(p):
                 os.remove(p)
     val_total = documents - sum(kept)
-    return Summary(len(inputs), documents, nbytes, kept, val_total, buckets, out_dir, time.perf_counter() - start)
+    converted = 0 if shuffled_only else len(conversion_ranks(len(inputs)))
+    return Summary(len(inputs), documents, nbytes, kept, val_total, buckets, out_dir, converted, jsonl_dir,
+                   time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,10 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-lines-per-chunk", type=int, default=10000,
                    help="lines moved from the head of each chunk to fineweb_edu_10bt.val.jsonl (lingua's k_validation)")
     p.add_argument("--workers", type=int, default=None, help="processes converting parquet files (default: min(8, CPUs))")
+    p.add_argument("--shuffled-only", action="store_true",
+                   help="skip the input-order JSONL in DATA_DIR/fineweb_edu_10bt/ (saves a copy of the data on disk)")
     a = p.parse_args(argv)
     summary = prepare(
         a.data_dir, seed=a.seed, nchunks=a.nchunks, memory_gb=a.memory, source=a.source,
-        val_lines_per_chunk=a.val_lines_per_chunk, workers=a.workers,
+        val_lines_per_chunk=a.val_lines_per_chunk, workers=a.workers, shuffled_only=a.shuffled_only,
     )
     print(summary.line(), flush=True)
     return 0
