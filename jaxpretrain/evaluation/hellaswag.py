@@ -4,13 +4,14 @@ Per item, each of the (4) rows is `tokenizer(ctx)` followed by `tokenizer(" " + 
 every ending token given everything before it is summed. `acc` picks the ending with the lowest sum,
 `acc_norm` the lowest mean (sum / ending tokens), the number llm.c and build-nanogpt report.
 
-Three steps, so a training loop can call them on sharded parameters, every process running the same
-calls on the same data:
+Separate steps, so a training loop can call them on sharded parameters, every process running the
+same calls on the same data:
 
-    items = load_items("hellaswag_val.jsonl")                    # once
-    prepared = prepare(items, tokenizer, max_len=1024)           # once: numpy, a few bucket lengths
-    scores = score(logits_fn, prepared, batch_size=32)           # each evaluation
-    result = accuracy(scores, prepared.labels)                   # Result(acc, acc_norm, items)
+    prepared = prepare(load_items("hellaswag_val.jsonl"), tokenizer, max_len=1024)   # once: numpy
+    forward = make_forward(graphdef, mesh=mesh)                                       # once: jitted
+    logits_fn = functools.partial(forward, (params, rest))     # each evaluation: the current state
+    result = evaluate(logits_fn, prepared, 32, sharding=batch_sharding)   # = accuracy(score(...), labels)
+    result.acc, result.acc_norm, result.line()
 
 Rows are padded to a few bucket lengths (powers of two up to `max_len`) and every batch has the same
 row count, so the loss is compiled once per bucket, not once per item.
@@ -18,6 +19,7 @@ row count, so the loss is compiled once per bucket, not once per item.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -200,6 +202,14 @@ def _row_losses(logits, tokens, mask):
     return jnp.sum(nll * m, axis=-1), jnp.sum(m, axis=-1)
 
 
+@functools.lru_cache(maxsize=8)
+def _losses_fn(out_sharding):
+    """`_row_losses` jitted once per output sharding, so repeated evaluations reuse the compiled program."""
+    import jax
+
+    return jax.jit(_row_losses) if out_sharding is None else jax.jit(_row_losses, out_shardings=out_sharding)
+
+
 def score(
     logits_fn: Callable, prepared: Prepared, batch_size: int = 32, *, sharding=None,
 ) -> Scores:
@@ -216,16 +226,17 @@ def score(
 
     if batch_size < 1:
         raise UserError(f"batch_size: must be at least 1, got {batch_size}")
-    losses = jax.jit(_row_losses)
-    place = jnp.asarray
-    if sharding is not None:
+    if sharding is None:
+        losses, place = _losses_fn(None), jnp.asarray
+    else:
         try:
             sharding.shard_shape((batch_size, prepared.buckets[0].length))
         except ValueError:
             raise UserError(f"batch_size: {batch_size} does not split over the mesh's batch axes") from None
-        losses = jax.jit(_row_losses, out_shardings=jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+        # Replicated results: every process can read them.
+        losses = _losses_fn(jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
 
-        def place(x):
+        def place(x):  # each process holds the whole batch and hands over its devices' slices
             return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     n_rows = prepared.num_items * prepared.max_endings
@@ -262,12 +273,13 @@ def evaluate(logits_fn: Callable, prepared: Prepared, batch_size: int = 32, *, s
     return accuracy(score(logits_fn, prepared, batch_size, sharding=sharding), prepared.labels)
 
 
-def state_logits_fn(graphdef, *states, mesh=None) -> Callable:
-    """A jitted `input_ids -> float32 logits` for an NNX model split as `(graphdef, *states)` (e.g. the
-    train loop's `graphdef, params, rest`); the states are passed as arguments, never baked into the
-    program. With `mesh`, the model's logical activation constraints apply, as in the train step."""
+def make_forward(graphdef, mesh=None) -> Callable:
+    """`forward(states, input_ids) -> float32 logits`, jitted once, for an NNX model split as
+    `(graphdef, *states)`: build it once, then each evaluation passes the current states, e.g.
+    `functools.partial(forward, (params, rest))` as the `logits_fn` (a train step that donates its
+    state invalidates arrays captured earlier). With `mesh`, the model's logical activation
+    constraints apply, as in the train step."""
     import contextlib
-    import functools
 
     import jax
     from flax import nnx
@@ -278,11 +290,14 @@ def state_logits_fn(graphdef, *states, mesh=None) -> Callable:
         with scope:
             return nnx.merge(graphdef, *states)(input_ids, deterministic=True)
 
-    return functools.partial(forward, states)
+    return forward
 
 
 def model_logits_fn(model, mesh=None) -> Callable:
-    """`state_logits_fn` for a whole NNX model (`model(input_ids)`)."""
+    """A `logits_fn` for a whole NNX model (`model(input_ids)`), its state an argument of the program."""
+    import functools
+
     from flax import nnx
 
-    return state_logits_fn(*nnx.split(model), mesh=mesh)
+    graphdef, *states = nnx.split(model)
+    return functools.partial(make_forward(graphdef, mesh), tuple(states))
