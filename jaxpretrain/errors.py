@@ -15,6 +15,10 @@ class UserError(Exception):
     """A problem with the user's input or environment, reported as one line naming the file or field."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work (also a ValueError, for library callers that expect one)."""
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a CLI `main(argv)`; a UserError becomes `error: ...` on stderr and exit status 2."""
     try:
