@@ -29,7 +29,7 @@ LLMC_TOKENS = 10e9
 LLMC_VAL_LOSS = 3.28
 LLMC_LABEL = "llm.c GPT-2 124M: val 3.28 at 10B tokens (FineWeb, not FineWeb-Edu)"
 REFERENCE_COLOR = "#cc00cc"  # not among the run colours (tab20)
-GPT2_124M = {"n_layer": 12, "n_embd": 768, "n_head": 12}
+GPT2_124M = {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024, "vocab_size": 50257}
 GPT2_NAMES = ("gpt2", "openai-community/gpt2")
 
 
@@ -135,7 +135,7 @@ def load_run(run_dir: str, name: str | None = None) -> RunCurves:
 
 
 def is_gpt2_124m(config: dict | None) -> bool:
-    """The seed's recipe: the GPT-2 config with its shape fields left unset (null) or at 12/768/12."""
+    """The seed's recipe: the GPT-2 config with its shape fields left unset (null) or at GPT-2 124M's."""
     model = (config or {}).get("model") or {}
     if not isinstance(model, dict) or model.get("pretrained_model_name_or_path") not in GPT2_NAMES:
         return False

@@ -55,7 +55,8 @@ def test_real_run_gives_a_png_with_both_curves(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "6 train steps, 3 validations" in r.stdout and "1.536K tokens" in r.stdout  # 6 x 8 x 32 label tokens
     assert pixels(png, TRAIN) > 100 and pixels(png, VAL) > 100
-    assert pixels(png, REFERENCE) == 0  # no config.yaml saying 124m: no llm.c reference
+    assert os.path.isfile(os.path.join(tiny_run, "logs", "config.yaml"))
+    assert pixels(png, REFERENCE) == 0  # the run's config.yaml is a 2-layer GPT-2: no llm.c reference
 
     # Two runs overlaid under the names given: the run and a copy of its logs one nat higher.
     other = tmp_path / "other"
@@ -70,20 +71,29 @@ def test_real_run_gives_a_png_with_both_curves(tiny_run, tmp_path):
     assert min(pixels(both, c) for c in (TRAIN, VAL, TRAIN_2, VAL_2)) > 100
 
 
+def effective_config(spec, path):
+    """The config.yaml the train CLI writes for `spec`, written without training."""
+    from jaxpretrain.config import files, recipe_yaml
+
+    loaded = files.load(spec)
+    recipe_yaml.write_effective(loaded, loaded.cfg, str(path))
+
+
 def test_llmc_reference_for_the_124m_recipe_only(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(os.path.join(tiny_run, "logs"), run / "logs")
-    config = run / "config.yaml"
-    config.write_text("model:\n  pretrained_model_name_or_path: openai-community/gpt2\n  n_layer: null\n  n_embd: 768\n  n_head: null\n")
+    config = run / "logs" / "config.yaml"
     png = tmp_path / "ref.png"
-    r = plot(run, "--output", png)
-    assert r.returncode == 0, r.stderr
-    assert "with llm.c's reference" in r.stdout
-    assert pixels(png, REFERENCE) > 50 and pixels(png, TRAIN) > 20 and pixels(png, VAL) > 20
+    for spec in ("configs/gpt2.py:124m", "configs/megatron_pretrain_gpt2.yaml"):  # the preset, the seed's YAML
+        effective_config(spec, config)
+        r = plot(run, "--output", png)
+        assert r.returncode == 0, r.stderr
+        assert "with llm.c's reference" in r.stdout, spec
+        assert pixels(png, REFERENCE) > 50 and pixels(png, TRAIN) > 20 and pixels(png, VAL) > 20
     r = plot(run, "--output", png, "--reference", "none")
     assert r.returncode == 0 and pixels(png, REFERENCE) == 0
 
-    config.write_text("model:\n  pretrained_model_name_or_path: gpt2\n  n_layer: 2\n  n_embd: 64\n  n_head: 4\n")
+    effective_config("configs/gpt2.py:tiny", config)
     r = plot(run, "--output", png)
     assert r.returncode == 0 and pixels(png, REFERENCE) == 0  # a tiny GPT-2 is not the recipe
     r = plot(run, "--output", png, "--reference", "llmc")
