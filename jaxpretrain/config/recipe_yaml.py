@@ -204,8 +204,19 @@ class _Recipe:
             else:
                 supported = ", ".join(["model", "dataset", "validation_dataset", *FIELDS])
                 raise self.error(section, f"section not supported (supported: {supported})")
+        self.inherit_validation_fields()
         self.loaded.notes = self.notes
         return self.loaded
+
+    def inherit_validation_fields(self) -> None:
+        """A validation value equal to the train section's becomes "inherit" (None): the seed's YAML
+        repeats its paths in both sections, and `--config.dataset.paths=...` must then move both."""
+        from jaxpretrain.config.sections import INHERITED_VALIDATION_FIELDS
+
+        cfg = self.loaded.cfg
+        for name in INHERITED_VALIDATION_FIELDS:
+            if name in cfg.validation_dataset and cfg.validation_dataset[name] == cfg.dataset[name]:
+                self.set(f"validation_dataset.{name}", None, f"validation_dataset.{name}")
 
     def model_source(self, model: dict) -> tuple[str, bool, dict]:
         targets = TARGETS["model"]

@@ -106,8 +106,10 @@ def model_config(cfg):
     overrides = {k: v for k, v in m.items() if k not in MODEL_OPTIONS and v is not None}
     hf_config = M.config_from(m.pretrained_model_name_or_path, dropout=m.dropout, **overrides)
     limit = M.family_of(hf_config).max_positions(hf_config)
-    if limit < cfg.dataset.seq_length:
-        raise UserError(f"dataset.seq_length: {cfg.dataset.seq_length} exceeds the model's maximum positions ({limit})")
+    for section in ("dataset", "validation_dataset"):
+        seq = cfg[section].seq_length
+        if seq is not None and limit < seq:
+            raise UserError(f"{section}.seq_length: {seq} exceeds the model's maximum positions ({limit})")
     return hf_config
 
 
@@ -188,15 +190,17 @@ class Data:
 
 
 def build_data(cfg, plan: BatchPlan) -> Data:
+    from jaxpretrain.config.overrides import plain
+
     ds_cfg, val_cfg = cfg.dataset, cfg.validation_dataset
     train_ds = build_gpt_datasets(
-        ds_cfg.paths, seq_length=ds_cfg.seq_length, split=ds_cfg.split, seed=ds_cfg.seed,
+        plain(ds_cfg.paths), seq_length=ds_cfg.seq_length, split=ds_cfg.split, seed=ds_cfg.seed,
         num_samples=(plan.train_samples, 0, 0), cache_dir=ds_cfg.index_mapping_dir,
     )[0]
     val_ds = None
     if plan.val_samples and cfg.step_scheduler.val_every_steps:
         val_ds = build_gpt_datasets(
-            val_cfg.paths, seq_length=val_cfg.seq_length, split=val_cfg.split, seed=val_cfg.seed,
+            plain(val_cfg.paths), seq_length=val_cfg.seq_length, split=val_cfg.split, seed=val_cfg.seed,
             num_samples=(0, plan.val_samples, 0), cache_dir=val_cfg.index_mapping_dir,
         )[1]
     steps_per_epoch = len(train_ds) // plan.global_batch_size
