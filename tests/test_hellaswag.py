@@ -300,3 +300,45 @@ def test_sharded_params_and_batches_give_the_one_device_losses(random_gpt2):
     assert out["mesh"] == {"replicate": 1, "fsdp": 2, "tensor": 2}
     assert "fsdp" in out["wte"]  # the parameters really are split
     np.testing.assert_allclose(out["sharded"], out["one"], rtol=1e-5, atol=1e-4)
+
+
+# -- (e) during training ----------------------------------------------------------------------------
+
+
+def test_training_logs_hellaswag_at_the_scoring_of_its_checkpoint(random_gpt2, tmp_path):
+    """`eval.hellaswag_path` during training: the `[eval]` line's acc_norm is build-nanogpt's torch
+    scoring of the checkpoint saved at that step."""
+    from test_train import as_flags, python, tiny_overrides, token_glob  # noqa: F401  (fixture below)
+
+    _, data, _ = random_gpt2
+    glob_ = _corpus_glob(tmp_path)
+    ckpt = str(tmp_path / "ckpt")
+    o = tiny_overrides(glob_, ckpt, **{
+        "model.dropout": 0.0, "step_scheduler.max_steps": 2, "step_scheduler.ckpt_every_steps": 2,
+        "lr_scheduler.lr_warmup_steps": 1, "eval.hellaswag_path": data, "eval.batch_size": 8,
+    })
+    r = python("-m", "jaxpretrain.train", *as_flags(o))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [m for m in map(re.compile(r"\[eval\] step (\d+) \| hellaswag acc_norm (\d\.\d{4})").search, r.stdout.splitlines()) if m]
+    assert [int(m.group(1)) for m in lines] == [2]
+    with open(os.path.join(ckpt, "logs", "eval.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    assert [x["step"] for x in logged] == [2] and logged[0]["items"] == len(ITEMS)
+
+    hf_dir = str(tmp_path / "hf")
+    assert python("-m", "jaxpretrain.export", "--checkpoint-dir", ckpt, "--output", hf_dir).returncode == 0
+    sums, means = torch_scores(hf_dir, ITEMS, 64)
+    labels = np.array([it["label"] for it in ITEMS])
+    assert abs(float(np.mean(np.argmin(means, axis=1) == labels)) - logged[0]["hellaswag_acc_norm"]) < 1e-9
+    assert abs(float(np.mean(np.argmin(sums, axis=1) == labels)) - logged[0]["hellaswag_acc"]) < 1e-9
+
+
+def _corpus_glob(tmp_path) -> str:
+    """A small real corpus (CPython stdlib sources) preprocessed into Megatron files."""
+    from jaxpretrain.data.stdlib_corpus import write_stdlib_jsonl
+
+    write_stdlib_jsonl(str(tmp_path / "jsonl"), num_files=1, max_docs=200)
+    r = run_module("jaxpretrain.preprocess", "--input", str(tmp_path / "jsonl" / "*.jsonl"), "--json-keys", "text",
+                   "--output-prefix", "p", "--output-path", str(tmp_path / "tok"), "--workers", "1", "--append-eod")
+    assert r.returncode == 0, r.stderr
+    return str(tmp_path / "tok" / "p_*_text_document*")

@@ -160,6 +160,17 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     # Directory for W&B's local files; None: W&B's default.
     w.save_dir = placeholder(str)
 
+    c.eval = ml_collections.ConfigDict()
+    e = c.eval
+    # HellaSwag validation jsonl (ctx, endings, label) scored during training; None: no HellaSwag.
+    e.hellaswag_path = placeholder(str)
+    # Score HellaSwag every this many steps (and at the last step); None: every val_every_steps.
+    e.eval_every_steps = placeholder(int)
+    # Score only the first this many items (None: all 10,042 of the validation set).
+    e.hellaswag_limit = placeholder(int)
+    # Rows per HellaSwag batch over all devices (4 rows per item; a multiple of the data-parallel size).
+    e.batch_size = 32
+
     c.logging = ml_collections.ConfigDict()
     # Run directory for the effective config, metrics JSONL and TensorBoard; None: <checkpoint_dir>/logs.
     c.logging.run_dir = placeholder(str)

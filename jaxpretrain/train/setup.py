@@ -239,6 +239,7 @@ class Run:
     checkpointer: TrainCheckpointer | None
     start_step: int  # the last completed step (0: a fresh run)
     config_source: str  # what --config named, for the log
+    hellaswag_items: list | None = None  # eval.hellaswag_path's items, read (and checked) before any data work
 
 
 def setup(cfg, source: str | None = None) -> Run:
@@ -251,6 +252,11 @@ def setup(cfg, source: str | None = None) -> Run:
     build_optimizer(cfg, schedule_lib.from_config(cfg))  # schedule and optimizer mistakes: one line, now
     if cfg.checkpoint.enabled:
         check_resumable(cfg, hf_config)
+    hellaswag_items = None
+    if cfg.eval.hellaswag_path:
+        from jaxpretrain.evaluation import hellaswag
+
+        hellaswag_items = hellaswag.load_items(cfg.eval.hellaswag_path, cfg.eval.hellaswag_limit)
     data = build_data(cfg, plan)
     training = build_training(cfg, mesh, plan, hf_config)
     state, data_iter = training.state, iter(data.loader)
@@ -266,7 +272,7 @@ def setup(cfg, source: str | None = None) -> Run:
             start_step = latest
             log.info("Resumed from %s at step %d", os.path.join(ckpt.directory, str(latest)), latest)
     training.state = None  # the Run's state is the one to use (the initial one may have been donated)
-    return Run(cfg, mesh, plan, data, training, state, data_iter, ckpt, start_step, source or "(a config object)")
+    return Run(cfg, mesh, plan, data, training, state, data_iter, ckpt, start_step, source or "(a config object)", hellaswag_items)
 
 
 def check_resumable(cfg, hf_config) -> None:
