@@ -128,6 +128,7 @@ class TrainCheckpointer:
         except OSError as e:
             raise UserError(f"{self.directory}: cannot use as checkpoint directory ({e.strerror})") from None
         self._saving: int | None = None  # the step of a save that may still be running
+        self._unreported: list[int] = []  # saved steps whose completion was not yet reported
         self._cleaner: threading.Thread | None = None
 
     def latest_step(self) -> int | None:
@@ -162,12 +163,25 @@ class TrainCheckpointer:
             self._raise_storage(e, step)
             raise
         self._saving = step
+        self._unreported.append(step)
         self._clean_trash_in_background()
 
     def poll(self) -> None:
         """Cheap, every step: raise a `CheckpointWriteError` as soon as a background save has failed."""
         if self._saving is not None and not self._manager.is_saving_in_progress():
             self.wait()
+
+    def completed(self) -> list[int]:
+        """Steps whose save has completed since the last call (committed: a restart would resume them);
+        a save that failed raises its `CheckpointWriteError` here instead."""
+        if not self._unreported or self._manager.is_saving_in_progress():
+            return []
+        self.poll()
+        done, self._unreported = self._unreported, []
+        return done
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
 
     def restore(self, step: int, *, params, opt_state, data_iterator) -> dict:
         """Restores into the shardings of `params`/`opt_state` (arrays or ShapeDtypeStructs) and
@@ -193,6 +207,7 @@ class TrainCheckpointer:
         try:
             self._manager.wait_until_finished()
         except Exception as e:
+            self._unreported = [s for s in self._unreported if s != step]  # never reported as saved
             self._raise_storage(e, step)
             raise
 

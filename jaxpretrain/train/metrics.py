@@ -84,7 +84,7 @@ class MetricSinks:
         try:
             os.makedirs(run_dir, exist_ok=True)
             self._files = {}
-            for name in ("train", "validation"):
+            for name in ("train", "validation", "eval"):
                 path = os.path.join(run_dir, f"{name}.jsonl")
                 _keep_records_up_to(path, resume_step)
                 self._files[name] = open(path, "a")
@@ -112,7 +112,7 @@ class MetricSinks:
             self._files[kind].flush()
         except OSError as e:
             raise UserError(f"{self._files[kind].name}: cannot write metrics ({e.strerror})") from None
-        prefix = "train" if kind == "train" else "val"
+        prefix = {"train": "train", "validation": "val"}.get(kind, kind)
         for name, value in metrics.items():
             if isinstance(value, (int, float)):
                 self._tb.add_scalar(f"{prefix}/{name}", value, step)
