@@ -358,28 +358,35 @@ def small_mount(tmp_path):
 def test_checkpoint_directory_full_or_read_only_keeps_the_previous_checkpoint(work, baseline, small_mount, tmp_path, fault):
     ckpt = small_mount / "ckpt"
     logs = {"logging.run_dir": str(tmp_path / "logs"), "checkpoint.max_to_keep": 3, "step_scheduler.ckpt_every_steps": 4}
-    if fault == "disk_full":
+    if fault == "disk_full":  # the first checkpoint (step 4) fits, the second does not
         r = train(work, ckpt, **logs)
-    else:  # the directory turns read-only while the run is going: after its first checkpoint
+        kept = 4
+    else:  # room enough, but the directory turns read-only once the first checkpoint is saved
+        subprocess.run(["mount", "-o", "remount,size=64m", str(small_mount)], check=True)
         run = Run(work, ckpt, **logs)
         run.wait_for(lambda: on_disk(ckpt)[0] == [4])
-        subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
+        run.kill(signal.SIGSTOP)  # frozen while the directory turns read-only: no race with the next save
+        try:
+            subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
+            kept = on_disk(ckpt)[0][-1]
+        finally:
+            run.kill(signal.SIGCONT)
         rc = run.finish()
         r = subprocess.CompletedProcess(run.proc.args, rc, run.output, run.output)
     assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
     line = one_error_line(r)
     problem = "No space left on device" if fault == "disk_full" else "Read-only file system"
-    assert line.startswith(f"error: {ckpt}: cannot write checkpoint step ") and problem in line, line
-    assert "the newest complete checkpoint, step 4, is intact" in line, line
+    assert line.startswith(f"error: {ckpt}: cannot write checkpoint step {kept + 4} ({problem}); "), line
+    assert f"the newest complete checkpoint, step {kept}, is intact" in line, line
     complete, _ = on_disk(ckpt)
-    assert complete == [4]
+    assert complete[-1] == kept
 
-    # Space is back (or the directory writable again): the rerun resumes from step 4, bit for bit.
+    # Space is back (or the directory writable again): the rerun resumes from that step, bit for bit.
     subprocess.run(["mount", "-o", "remount,rw,size=64m", str(small_mount)], check=True)
     r = train(work, ckpt, **logs)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     m = RESUMED.search(r.stdout)
-    assert m and m.group(2) == "4", r.stdout[-3000:]
+    assert m and m.group(2) == str(kept), r.stdout[-3000:]
     with open(tmp_path / "logs" / "train.jsonl") as f:
         got = {rec["step"]: rec["loss"] for rec in map(json.loads, f)}
     assert got == baseline

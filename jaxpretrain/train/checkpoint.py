@@ -74,12 +74,14 @@ def storage_problem(error: BaseException) -> str | None:
 
 
 class _QuietOrbaxErrors(logging.Filter):
-    """Orbax logs a failed background save with its traceback from several threads; the failure is
-    raised again on the main thread (`poll`/`wait`) and reported there as one line, so those records
-    are dropped."""
+    """Orbax logs a failed background save with its traceback from several threads (and asyncio logs
+    the same exception for the tasks nobody awaited any more); the failure is raised again on the main
+    thread (`poll`/`wait`) and reported there as one line, so those records are dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+        if record.levelno < logging.ERROR:
+            return True
+        return not ("orbax" in record.pathname or "/orbax/" in record.getMessage())
 
 
 _QUIET = _QuietOrbaxErrors()
@@ -120,8 +122,13 @@ class TrainCheckpointer:
             read_only=read_only,
             cleanup_tmp_directories=not read_only,
             todelete_subdir=None if read_only else TRASH,
+            # Orbax 0.12 creates a save's directories in a background thread by default, and when
+            # that fails (a directory that turned read-only) the save waits forever for their signal;
+            # created here, on the calling thread, the failure is an error like any other.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         )
-        logging.getLogger("absl").addFilter(_QUIET)
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).addFilter(_QUIET)
         _ignore_late_write_callbacks()
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -156,7 +163,6 @@ class TrainCheckpointer:
         )
         if self._saving is not None:
             self.wait()  # Orbax would wait too; this way a failure is pinned on the right step
-        self._check_writable(step)
         try:
             self._manager.save(step, args=args, force=True)
         except Exception as e:
@@ -174,10 +180,10 @@ class TrainCheckpointer:
     def completed(self) -> list[int]:
         """Steps whose save has completed since the last call (committed: a restart would resume them);
         a save that failed raises its `CheckpointWriteError` here instead."""
-        if not self._unreported or self._manager.is_saving_in_progress():
-            return []
         self.poll()
-        done, self._unreported = self._unreported, []
+        # Each save waits for the one before it, so every step but the one still running is complete.
+        done = [s for s in self._unreported if s != self._saving]
+        self._unreported = [s for s in self._unreported if s == self._saving]
         return done
 
     def step_dir(self, step: int) -> str:
@@ -234,26 +240,13 @@ class TrainCheckpointer:
         complete = [s for s in self._manager.all_steps() if step is None or s < step]
         kept = (
             f"the newest complete checkpoint, step {max(complete)}, is intact and a rerun resumes from it"
-            if complete else "there is no earlier checkpoint"
+            if complete else "no earlier checkpoint exists; rerun"
         )
         what = f"step {step}" if step is not None else "a checkpoint"
         raise CheckpointWriteError(
             f"{self.directory}: cannot write checkpoint {what} ({problem}); {kept} once the directory is writable "
             f"and has space again"
         ) from None
-
-    def _check_writable(self, step: int) -> None:
-        # Orbax 0.12 creates a save's directories in a background thread, and when that fails (a
-        # directory that turned read-only) the main thread waits forever for its signal. A file
-        # created and removed first turns that case into an error here.
-        probe = os.path.join(self.directory, f".write-probe-{jax.process_index()}-{os.getpid()}")
-        try:
-            with open(probe, "wb"):
-                pass
-            os.remove(probe)
-        except OSError as e:
-            self._raise_storage(e, step)
-            raise
 
     def _clean_trash_in_background(self) -> None:
         # What the previous save's finalization moved to the trash; removing it can take a while on
