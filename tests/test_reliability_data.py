@@ -158,6 +158,10 @@ def _truncate(path):
         f.truncate(os.path.getsize(path) // 2)
 
 
+def _empty(path):
+    open(path, "wb").close()
+
+
 def _wrong_length(path):
     arr = np.load(path)
     np.save(path, arr[:-1])
@@ -177,6 +181,7 @@ def _not_npy(path):
     "suffix, damage, problem",
     [
         ("shuffle_index.npy", _truncate, "unreadable"),
+        ("document_index.npy", _empty, "unreadable"),  # what a power loss can leave
         ("sample_index.npy", os.remove, "missing"),
         ("document_index.npy", _wrong_length, "shape"),
         ("sample_index.npy", _wrong_length, "shape"),
