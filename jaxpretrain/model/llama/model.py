@@ -99,10 +99,14 @@ class Attention(nnx.Module):
         self.v_proj = Linear((d,), (self.n_kv_head, hd), ("embed", "kv_heads", None), bias=bias["qkv"], key=rngs.params(), **kw)
         self.o_proj = Linear((self.n_head, hd), (d,), ("heads", None, "embed"), bias=bias["o"], key=rngs.params(), **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, key: jax.Array | None) -> jax.Array:
+    def _qkv(self, x, cos, sin):
         q = parallel.constrain(apply_rotary(self.q_proj(x), cos, sin), ("batch", "length", "act_heads", None))
         k = parallel.constrain(apply_rotary(self.k_proj(x), cos, sin), ("batch", "length", "act_kv_heads", None))
         v = parallel.constrain(self.v_proj(x), ("batch", "length", "act_kv_heads", None))
+        return q, k, v
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, key: jax.Array | None) -> jax.Array:
+        q, k, v = self._qkv(x, cos, sin)
         if key is not None and self.dropout > 0:
             # Fused kernels take no dropout; spell attention out when training with attention_dropout.
             y = self._attention_with_dropout(q, k, v, key)
@@ -111,6 +115,14 @@ class Attention(nnx.Module):
             # Grouped-query attention: query head n reads kv head n // (n_head // n_kv_head), as HF's repeat_kv.
             y = jax.nn.dot_product_attention(q, k, v, scale=self.scale, is_causal=True, implementation=impl)
         return self.o_proj(parallel.constrain(y, ("batch", "length", "act_heads", None)))
+
+    def decode(self, x, cos, sin, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
+        """Attention of x's t new positions (start, ..., start + t - 1) over the cache, which gains their k, v."""
+        q, k, v = self._qkv(x, cos, sin)
+        cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), (0, start, 0, 0))
+                 for name, new in (("k", k), ("v", v))}
+        y = cached_attention(q, cache["k"], cache["v"], start, self.scale)
+        return self.o_proj(y), cache
 
     def _attention_with_dropout(self, q, k, v, key):
         groups = self.n_head // self.n_kv_head
@@ -121,6 +133,14 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(jnp.float32).min), axis=-1)
         probs = _dropout(probs.astype(v.dtype), self.dropout, key)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array, scale: float) -> jax.Array:
+    """q [B, t, H, D] at positions start.. over a fixed-size cache [B, max_len, KV, D]: query i sees
+    cache slots 0 .. start + i (later slots are empty or stale)."""
+    t, max_len = q.shape[1], k_cache.shape[1]
+    mask = jnp.arange(max_len)[None, :] <= start + jnp.arange(t)[:, None]
+    return jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask[None, None], scale=scale, implementation="xla")
 
 
 class MLP(nnx.Module):
@@ -150,6 +170,11 @@ class DecoderLayer(nnx.Module):
         x = x + self.self_attn(self.input_layernorm(x), *rope, key)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return parallel.constrain(x, ("batch", "length", "act_embed"))
+
+    def decode(self, x, rope, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
+        y, cache = self.self_attn.decode(self.input_layernorm(x), *rope, cache, start)
+        x = x + y
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 class LMHead(nnx.Module):
@@ -209,6 +234,8 @@ class LlamaForCausalLM(nnx.Module):
         self.tie_word_embeddings = bool(config.tie_word_embeddings)
         self.has_dropout = float(config.attention_dropout or 0.0) > 0
         self.dtype, self.remat = dtype, remat
+        self.max_positions = config.max_position_embeddings  # the longest sequence generation allows
+        self.n_kv_head, self.head_dim = config.num_key_value_heads, config_lib.head_dim(config)
         self.inv_freq = tuple(float(f) for f in config_lib.rope_inv_freq(config))  # static, hashable
 
         std, d = config.initializer_range, config.hidden_size
@@ -259,3 +286,22 @@ class LlamaForCausalLM(nnx.Module):
         logits = jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
         logits = parallel.constrain(logits, ("batch", "length", "act_vocab"))
         return logits[..., : self.vocab_size]
+
+    # -- Generation with a KV cache (jaxpretrain.model.decode drives these two).
+
+    def init_cache(self, batch: int, max_len: int) -> list[dict]:
+        """Per layer, zero k and v caches [batch, max_len, kv_heads, head_dim] in the compute dtype."""
+        shape = (batch, max_len, self.n_kv_head, self.head_dim)
+        return [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)} for _ in self.layers]
+
+    def decode_step(self, input_ids: jax.Array, cache: list[dict], start: jax.Array) -> tuple[jax.Array, list[dict]]:
+        """Logits [B, t, vocab_size] (float32) of t new tokens at positions start.., and the cache holding them."""
+        x = jnp.take(self.embed_tokens.embedding[...].astype(self.dtype), input_ids, axis=0)
+        rope = rotary_tables(jnp.asarray(self.inv_freq, jnp.float32), start + jnp.arange(input_ids.shape[1]))
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer.decode(x, rope, layer_cache, start)
+            new_cache.append(layer_cache)
+        w, _ = self.head_weights()
+        logits = jnp.einsum("btd,vd->btv", self.norm(x), w, preferred_element_type=jnp.float32)
+        return logits[..., : self.vocab_size], new_cache
