@@ -23,8 +23,7 @@ from flax import nnx
 from transformers import PretrainedConfig
 
 from jaxpretrain import parallel
-from jaxpretrain.errors import UserError
-from jaxpretrain.model.gpt2 import _dropout, _param, _resolve_attention_impl
+from jaxpretrain.model import layers
 from jaxpretrain.model.llama import config as config_lib
 
 # ------------------------------------------------------------------------------------------------
@@ -35,7 +34,7 @@ from jaxpretrain.model.llama import config as config_lib
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
         self.eps, self.dtype = float(eps), dtype
-        self.weight = _param(jnp.ones((dim,), param_dtype), ("embed",))
+        self.weight = layers.param(jnp.ones((dim,), param_dtype), ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Statistics in float32 whatever the compute dtype, as HF's LlamaRMSNorm does.
@@ -51,8 +50,8 @@ class Linear(nnx.Module):
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
         self.dtype, self.n_in = dtype, len(in_shape)
         # HF's _init_weights: normal(0, initializer_range) weights, zero biases.
-        self.kernel = _param(std * jax.random.normal(key, in_shape + out_shape, param_dtype), axes)
-        self.bias = _param(jnp.zeros(out_shape, param_dtype), axes[len(in_shape):]) if bias else None
+        self.kernel = layers.param(std * jax.random.normal(key, in_shape + out_shape, param_dtype), axes)
+        self.bias = layers.param(jnp.zeros(out_shape, param_dtype), axes[len(in_shape):]) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=self.n_in)
@@ -66,7 +65,7 @@ class Embed(nnx.Module):
         table = table.at[real_rows:].set(0)
         if zero_row is not None and 0 <= zero_row < real_rows:
             table = table.at[zero_row].set(0)  # nn.Embedding(padding_idx=pad_token_id), as HF inits it
-        self.embedding = _param(table, ("vocab", "embed"))
+        self.embedding = layers.param(table, ("vocab", "embed"))
 
 
 def rotary_tables(inv_freq: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -92,6 +91,7 @@ class Attention(nnx.Module):
         self.dtype, self.attention_impl = dtype, attention_impl
         self.dropout = float(config.attention_dropout or 0.0)
         self.scale = hd**-0.5
+        self.inv_freq = tuple(float(f) for f in config_lib.rope_inv_freq(config))  # static, hashable
         bias = config_lib.biases(config)
         kw = dict(std=std, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = Linear((d,), (self.n_head, hd), ("embed", "heads", None), bias=bias["qkv"], key=rngs.params(), **kw)
@@ -99,40 +99,29 @@ class Attention(nnx.Module):
         self.v_proj = Linear((d,), (self.n_kv_head, hd), ("embed", "kv_heads", None), bias=bias["qkv"], key=rngs.params(), **kw)
         self.o_proj = Linear((self.n_head, hd), (d,), ("heads", None, "embed"), bias=bias["o"], key=rngs.params(), **kw)
 
-    def _qkv(self, x, cos, sin):
+    def _qkv(self, x, positions):
+        cos, sin = rotary_tables(jnp.asarray(self.inv_freq, jnp.float32), positions)
         q = parallel.constrain(apply_rotary(self.q_proj(x), cos, sin), ("batch", "length", "act_heads", None))
         k = parallel.constrain(apply_rotary(self.k_proj(x), cos, sin), ("batch", "length", "act_kv_heads", None))
         v = parallel.constrain(self.v_proj(x), ("batch", "length", "act_kv_heads", None))
         return q, k, v
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, key: jax.Array | None) -> jax.Array:
-        q, k, v = self._qkv(x, cos, sin)
-        if key is not None and self.dropout > 0:
-            # Fused kernels take no dropout; spell attention out when training with attention_dropout.
-            y = self._attention_with_dropout(q, k, v, key)
-        else:
-            impl = _resolve_attention_impl(self.attention_impl, self.dtype, self.head_dim)
-            # Grouped-query attention: query head n reads kv head n // (n_head // n_kv_head), as HF's repeat_kv.
-            y = jax.nn.dot_product_attention(q, k, v, scale=self.scale, is_causal=True, implementation=impl)
+    def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
+        q, k, v = self._qkv(x, jnp.arange(x.shape[1]))
+        # Grouped-query attention: query head n reads kv head n // (n_head // n_kv_head), as HF's repeat_kv.
+        y = layers.attention(
+            q, k, v, scale=self.scale, impl=self.attention_impl, dtype=self.dtype,
+            dropout_rate=self.dropout, dropout_key=key,
+        )
         return self.o_proj(parallel.constrain(y, ("batch", "length", "act_heads", None)))
 
-    def decode(self, x, cos, sin, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
+    def decode(self, x, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
         """Attention of x's t new positions (start, ..., start + t - 1) over the cache, which gains their k, v."""
-        q, k, v = self._qkv(x, cos, sin)
+        q, k, v = self._qkv(x, start + jnp.arange(x.shape[1]))
         cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), (0, start, 0, 0))
                  for name, new in (("k", k), ("v", v))}
         y = cached_attention(q, cache["k"], cache["v"], start, self.scale)
         return self.o_proj(y), cache
-
-    def _attention_with_dropout(self, q, k, v, key):
-        groups = self.n_head // self.n_kv_head
-        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-        t = q.shape[1]
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * self.scale
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        probs = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(jnp.float32).min), axis=-1)
-        probs = _dropout(probs.astype(v.dtype), self.dropout, key)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array, scale: float) -> jax.Array:
@@ -166,13 +155,13 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.mlp = MLP(config, rngs=rngs, **kw)
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], key: jax.Array | None) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), *rope, key)
+    def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
+        x = x + self.self_attn(self.input_layernorm(x), key)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return parallel.constrain(x, ("batch", "length", "act_embed"))
 
-    def decode(self, x, rope, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
-        y, cache = self.self_attn.decode(self.input_layernorm(x), *rope, cache, start)
+    def decode(self, x, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
+        y, cache = self.self_attn.decode(self.input_layernorm(x), cache, start)
         x = x + y
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -182,16 +171,7 @@ class LMHead(nnx.Module):
 
     def __init__(self, rows: int, real_rows: int, dim: int, *, std: float, key, param_dtype):
         table = std * jax.random.normal(key, (rows, dim), param_dtype)
-        self.weight = _param(table.at[real_rows:].set(0), ("vocab", "embed"))
-
-
-def _remat_layer(layer: DecoderLayer, x, rope, key, remat: bool | str) -> jax.Array:
-    # Plain jax.checkpoint over the layer's split state (as GPT-2's _remat_block): pure, so it
-    # works however the model reached the trace.
-    policy = getattr(jax.checkpoint_policies, remat) if isinstance(remat, str) else None
-    graphdef, state = nnx.split(layer)
-    run = jax.checkpoint(lambda s, y, r, k: nnx.merge(graphdef, s)(y, r, k), policy=policy)
-    return run(state, x, rope, key)
+        self.weight = layers.param(table.at[real_rows:].set(0), ("vocab", "embed"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,22 +201,17 @@ class LlamaForCausalLM(nnx.Module):
         remat: bool | str = False,
     ):
         config = config_lib.config_from(config)
-        if attention_impl not in (None, "xla", "cudnn"):
-            raise UserError(f"model.attention_impl: {attention_impl!r} is not one of 'xla', 'cudnn', None")
-        if not isinstance(vocab_multiple, int) or vocab_multiple < 1:
-            raise UserError(f"model.vocab_multiple: must be a positive integer, got {vocab_multiple!r}")
-        if isinstance(remat, str) and not hasattr(jax.checkpoint_policies, remat):
-            raise UserError(f"model.remat: {remat!r} is not a jax.checkpoint_policies policy")
+        layers.check_attention_impl(attention_impl)
+        layers.check_remat(remat)
         # The HF config is kept as JSON: a module's static attributes must be hashable.
         self.config_json = config.to_json_string(use_diff=False)
         self.vocab_size = config.vocab_size
-        self.padded_vocab_size = -(-config.vocab_size // vocab_multiple) * vocab_multiple
+        self.padded_vocab_size = layers.padded_size(config.vocab_size, vocab_multiple)
         self.tie_word_embeddings = bool(config.tie_word_embeddings)
         self.has_dropout = float(config.attention_dropout or 0.0) > 0
         self.dtype, self.remat = dtype, remat
         self.max_positions = config.max_position_embeddings  # the longest sequence generation allows
         self.n_kv_head, self.head_dim = config.num_key_value_heads, config_lib.head_dim(config)
-        self.inv_freq = tuple(float(f) for f in config_lib.rope_inv_freq(config))  # static, hashable
 
         std, d = config.initializer_range, config.hidden_size
         emb = dict(std=std, param_dtype=param_dtype, zero_row=config.pad_token_id)
@@ -270,9 +245,8 @@ class LlamaForCausalLM(nnx.Module):
 
         x = jnp.take(self.embed_tokens.embedding[...].astype(self.dtype), input_ids, axis=0)
         x = parallel.constrain(x, ("batch", "length", "act_embed"))
-        rope = rotary_tables(jnp.asarray(self.inv_freq, jnp.float32), jnp.arange(input_ids.shape[1]))
         for layer, layer_key in zip(self.layers, keys):
-            x = _remat_layer(layer, x, rope, layer_key, self.remat) if self.remat else layer(x, rope, layer_key)
+            x = layers.remat_block(layer, x, layer_key, self.remat) if self.remat else layer(x, layer_key)
         return self.norm(x)
 
     def __call__(
@@ -297,10 +271,9 @@ class LlamaForCausalLM(nnx.Module):
     def decode_step(self, input_ids: jax.Array, cache: list[dict], start: jax.Array) -> tuple[jax.Array, list[dict]]:
         """Logits [B, t, vocab_size] (float32) of t new tokens at positions start.., and the cache holding them."""
         x = jnp.take(self.embed_tokens.embedding[...].astype(self.dtype), input_ids, axis=0)
-        rope = rotary_tables(jnp.asarray(self.inv_freq, jnp.float32), start + jnp.arange(input_ids.shape[1]))
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache = layer.decode(x, rope, layer_cache, start)
+            x, layer_cache = layer.decode(x, layer_cache, start)
             new_cache.append(layer_cache)
         w, _ = self.head_weights()
         logits = jnp.einsum("btd,vd->btv", self.norm(x), w, preferred_element_type=jnp.float32)
