@@ -19,14 +19,14 @@ def bench(cfg, steps: int, warmup: int) -> float:
     import numpy as np
 
     from jaxpretrain import parallel
-    from jaxpretrain.train import loop
     from jaxpretrain.train import metrics as metrics_lib
+    from jaxpretrain.train import report, setup
 
-    loop.setup_logging()
-    parallel.initialize_distributed()
-    mesh = loop.make_mesh(cfg)
-    plan = loop.plan_batches(cfg, mesh.shape["replicate"] * mesh.shape["fsdp"])
-    t = loop.build_training(cfg, mesh, plan)
+    parallel.initialize_distributed()  # before anything starts the backend (setup_logging does)
+    report.setup_logging()
+    mesh = setup.make_mesh(cfg)
+    plan = setup.plan_batches(cfg, parallel.data_parallel_size(mesh))
+    t = setup.build_training(cfg, mesh, plan)
     seq = int(cfg.dataset.seq_length)
     rng = np.random.default_rng(0)
     local_rows = plan.global_batch_size // jax.process_count()
