@@ -409,3 +409,103 @@ def test_mistral_window_covering_every_position_is_accepted():
     assert M.config_from(config).sliding_window == 32
     with pytest.raises(UserError, match="sliding_window"):
         M.config_from(config, sliding_window=8)
+
+
+# ------------------------------------------------------------------------------------------------
+# An 8-device CPU mesh equals one device (a subprocess: the device count is fixed before jax starts)
+# ------------------------------------------------------------------------------------------------
+
+MESHES = {"fsdp8": (1, 8, 1), "fsdp4_tp2": (1, 4, 2), "fsdp2_tp4": (1, 2, 4)}
+MESH_KV_HEADS = 2  # fewer than tp=4: k/v projections must stay replicated over "tensor"
+
+
+def _expected_spec(name: str, tp: int) -> tuple:
+    """Mesh axes per dimension, written out by hand (not derived from the rules table)."""
+    kv = "tensor" if MESH_KV_HEADS % tp == 0 else None
+    return {
+        "embed_tokens.embedding": ("tensor", "fsdp"), "lm_head.weight": ("tensor", "fsdp"),
+        "input_layernorm.weight": ("fsdp",), "post_attention_layernorm.weight": ("fsdp",), "norm.weight": ("fsdp",),
+        "self_attn.q_proj.kernel": ("fsdp", "tensor", None), "self_attn.q_proj.bias": ("tensor", None),
+        "self_attn.k_proj.kernel": ("fsdp", kv, None), "self_attn.k_proj.bias": (kv, None),
+        "self_attn.v_proj.kernel": ("fsdp", kv, None), "self_attn.v_proj.bias": (kv, None),
+        "self_attn.o_proj.kernel": ("tensor", None, "fsdp"), "self_attn.o_proj.bias": ("fsdp",),
+        "mlp.gate_proj.kernel": ("fsdp", "tensor"), "mlp.up_proj.kernel": ("fsdp", "tensor"),
+        "mlp.down_proj.kernel": ("tensor", "fsdp"),
+    }[name]
+
+
+@pytest.fixture(scope="module")
+def mesh_results(tmp_path_factory):
+    import subprocess
+    import sys
+
+    tmp = tmp_path_factory.mktemp("llama_mesh")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, __file__, str(tmp)], env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return {r["case"]: r["errors"] for r in map(json.loads, lines)}
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_model_layout_logits_and_grads_match_one_device(mesh_results, mesh):
+    assert mesh_results[mesh] == []
+
+
+def _run_mesh_subprocess(tmp):
+    from jaxpretrain import parallel
+
+    assert jax.device_count() == 8
+    config = LlamaConfig(**_BASE, num_attention_heads=4, num_key_value_heads=MESH_KV_HEADS, attention_bias=True)
+    torch.manual_seed(0)
+    torch_model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in torch_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch_model.save_pretrained(os.path.join(tmp, "hf"))
+    ids, labels = _ids(config, batch=8), _labels(_ids(config, batch=8))
+
+    one = M.from_pretrained(os.path.join(tmp, "hf"), vocab_multiple=16)  # 101 -> 112 rows: 8 | 112
+    (ref_loss, ref_logits), ref_grads = _loss_logits_grads(one, jnp.asarray(ids), jnp.asarray(labels))
+    ref_grads = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(ref_grads)}
+
+    for mesh_name, (rep, fsdp, tp) in MESHES.items():
+        errors = []
+        mesh = parallel.make_mesh(dp_replicate_size=rep, dp_shard_size=fsdp, tp_size=tp)
+        model = M.from_pretrained(os.path.join(tmp, "hf"), mesh=mesh, vocab_multiple=16)
+        flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+        for path, var in flat.items():
+            name = ".".join(str(p) for p in path if not isinstance(p, int)).removeprefix("layers.")
+            array, want = var.get_value(), _expected_spec(name, tp)
+            spec = tuple(array.sharding.spec) + (None,) * (array.ndim - len(array.sharding.spec))
+            if spec != want + (None,) * (array.ndim - len(want)):
+                errors.append(f"{path}: spec {array.sharding.spec}, expected {want}")
+        shardings = M.state_shardings(nnx.state(model, nnx.Param), mesh)
+
+        @nnx.jit
+        def step(model, ids, labels):
+            (loss, logits), grads = nnx.value_and_grad(_ce_sum_and_logits, has_aux=True)(model, ids, labels)
+            return loss, logits, jax.lax.with_sharding_constraint(grads, shardings)
+
+        batch = parallel.make_global_batch({"ids": ids, "labels": labels}, mesh)
+        with jax.set_mesh(mesh):
+            loss, logits, grads = step(model, batch["ids"], batch["labels"])
+        if abs(float(loss) - float(ref_loss)) > 1e-5 * abs(float(ref_loss)):
+            errors.append(f"loss {float(loss)} != {float(ref_loss)}")
+        if _rel(logits, ref_logits) > 1e-5:
+            errors.append(f"logits differ by {_rel(logits, ref_logits)}")
+        for path, var in nnx.to_flat_state(grads):
+            g, ref = np.asarray(var.get_value()), ref_grads[path]
+            if np.linalg.norm(g - ref) > 1e-4 * np.linalg.norm(ref) + 1e-9:
+                errors.append(f"{path}: gradient differs")
+            if var.get_value().sharding != flat[path].get_value().sharding:
+                errors.append(f"{path}: gradient sharding {var.get_value().sharding.spec}")
+        print(json.dumps({"case": mesh_name, "errors": errors}), flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _run_mesh_subprocess(sys.argv[1])

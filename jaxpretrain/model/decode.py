@@ -49,13 +49,16 @@ class Sampling:
             raise UserError(f"top_p: must be in (0, 1] (1 is off), got {self.top_p}")
 
 
-def filter_logits(logits: jax.Array, temperature, top_k: int, top_p) -> jax.Array:
+def filter_logits(logits: jax.Array, temperature, top_k: int, top_p, use_top_p: bool = True) -> jax.Array:
     """transformers' TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper in that order:
-    removed tokens get -inf. logits [..., vocab] float32; top_k static."""
+    removed tokens get -inf. logits [..., vocab] float32; top_k and use_top_p (False skips the sort
+    that top-p needs: top_p = 1 drops nothing) are static."""
     logits = logits / temperature
     if top_k > 0:
         kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if not use_top_p:
+        return logits
     # Top-p as HF does it: in ascending order, drop tokens whose cumulative probability is at most
     # 1 - top_p; the most likely token always stays. With top_p = 1 nothing is dropped.
     ascending = jnp.sort(logits, axis=-1)
@@ -65,18 +68,20 @@ def filter_logits(logits: jax.Array, temperature, top_k: int, top_p) -> jax.Arra
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def _pick(logits, key, temperature, top_p, *, greedy: bool, top_k: int):
+def _pick(logits, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, temperature, top_k, top_p, use_top_p)
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 
+@partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy", "top_k", "use_top_p", "has_eos"))
 def _generate(state, prompt, seed, temperature, top_p, eos, pad, *, graphdef, max_new: int, greedy: bool,
-              top_k: int, has_eos: bool):
+              top_k: int, use_top_p: bool, has_eos: bool):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompt.shape
     key = jax.random.key(seed)
-    pick = partial(_pick, temperature=temperature, top_p=top_p, greedy=greedy, top_k=top_k)
+    pick = partial(_pick, temperature=temperature, top_p=top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
 
     # Prefill: the whole prompt in one pass fills the cache and gives the first new token.
     cache = model.init_cache(batch, prompt_len + max_new)
@@ -103,34 +108,44 @@ def _generate(state, prompt, seed, temperature, top_p, eos, pad, *, graphdef, ma
     return tokens, n
 
 
-def make_generator(model, batch: int, prompt_len: int, sampling: Sampling):
-    """A jitted `run(prompt_ids int32 [batch, prompt_len]) -> (tokens [batch, prompt_len + max_new], n_new)`;
-    `run.lower(...)` compiles ahead of time. Only the first prompt_len + n_new columns are meaningful."""
-    sampling.check()
-    total = prompt_len + sampling.max_new_tokens
-    if total > model.max_positions:
-        raise UserError(
-            f"max_new_tokens: prompt ({prompt_len}) + max_new_tokens ({sampling.max_new_tokens}) = {total} "
-            f"exceeds the model's {model.max_positions} positions"
-        )
-    graphdef, state = nnx.split(model)
-    fn = jax.jit(partial(
-        _generate, graphdef=graphdef, max_new=sampling.max_new_tokens, greedy=sampling.temperature == 0,
-        top_k=sampling.top_k, has_eos=sampling.eos_token_id is not None,
-    ))
-    eos = -1 if sampling.eos_token_id is None else int(sampling.eos_token_id)
-    pad = eos if sampling.pad_token_id is None else int(sampling.pad_token_id)
-    args = (jnp.uint32(sampling.seed), jnp.float32(sampling.temperature or 1.0), jnp.float32(sampling.top_p),
-            jnp.int32(eos), jnp.int32(max(pad, 0)))
+class Generator:
+    """Generation for one model, batch size, prompt length and Sampling, jitted once.
 
-    class Run:
-        def __call__(self, prompt):
-            return fn(state, jnp.asarray(prompt, jnp.int32), *args)
+    `generator(prompt int32 [batch, prompt_len]) -> (tokens [batch, prompt_len + max_new_tokens], n_new)`:
+    only the first prompt_len + n_new columns are meaningful. `lower(prompt).compile()` compiles
+    ahead of time; the compiled program takes `args(prompt)`.
+    """
 
-        def lower(self, prompt):
-            return fn.lower(state, jax.ShapeDtypeStruct(np.shape(prompt), jnp.int32), *args)
+    def __init__(self, model, batch: int, prompt_len: int, sampling: Sampling):
+        sampling.check()
+        total = prompt_len + sampling.max_new_tokens
+        if total > model.max_positions:
+            raise UserError(
+                f"max_new_tokens: prompt ({prompt_len}) + max_new_tokens ({sampling.max_new_tokens}) = {total} "
+                f"exceeds the model's {model.max_positions} positions"
+            )
+        self.shape = (batch, prompt_len)
+        graphdef, self._state = nnx.split(model)
+        # One jitted function for the module: generators with the same statics and shapes share its cache.
+        self._static = dict(graphdef=graphdef, max_new=sampling.max_new_tokens, greedy=sampling.temperature == 0,
+                            top_k=sampling.top_k, use_top_p=sampling.top_p < 1.0,
+                            has_eos=sampling.eos_token_id is not None)
+        eos = -1 if sampling.eos_token_id is None else int(sampling.eos_token_id)
+        pad = eos if sampling.pad_token_id is None else int(sampling.pad_token_id)
+        self._scalars = (jnp.uint32(sampling.seed), jnp.float32(sampling.temperature or 1.0),
+                         jnp.float32(sampling.top_p), jnp.int32(eos), jnp.int32(max(pad, 0)))
 
-    return Run()
+    def args(self, prompt) -> tuple:
+        prompt = jnp.asarray(prompt, jnp.int32)
+        if prompt.shape != self.shape:
+            raise ValueError(f"prompt shape {prompt.shape}, this generator was built for {self.shape}")
+        return (self._state, prompt, *self._scalars)
+
+    def __call__(self, prompt):
+        return _generate(*self.args(prompt), **self._static)
+
+    def lower(self, prompt):
+        return _generate.lower(*self.args(prompt), **self._static)
 
 
 def generate(model, prompt_ids, sampling: Sampling) -> np.ndarray:
@@ -138,5 +153,5 @@ def generate(model, prompt_ids, sampling: Sampling) -> np.ndarray:
     prompt = np.asarray(prompt_ids, np.int32)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise UserError(f"prompt: expected token ids [batch, length >= 1], got shape {prompt.shape}")
-    tokens, n = make_generator(model, *prompt.shape, sampling)(prompt)
+    tokens, n = Generator(model, *prompt.shape, sampling)(prompt)
     return np.asarray(tokens)[:, : prompt.shape[1] + int(n)]

@@ -16,6 +16,7 @@ FAMILY = Family(
     architecture=architecture,
     max_positions=lambda config: config.max_position_embeddings,
     dropout_active=lambda config: float(config.attention_dropout or 0.0) > 0,
+    builtin_names=_config.BUILTIN_NAMES,
     # Old checkpoints carry RoPE's inv_freq buffers; tied checkpoints may also store lm_head.weight.
     ignored_tensors=("rotary_emb.inv_freq", "lm_head.weight"),
 )

@@ -27,6 +27,9 @@ from jaxpretrain.errors import UserError
 CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
+# Names that need no download: transformers' defaults for each config class (the presets in
+# configs/llama.py start from "llama" and write every shape field in).
+BUILTIN_NAMES = tuple(CONFIG_CLASSES)
 ACTIVATIONS = ("silu", "swish")  # both are SiLU in transformers' ACT2FN; SwiGLU's gate
 
 # Shape fields; changing hidden_size or num_attention_heads re-derives a head_dim that was derived.
@@ -37,8 +40,8 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
 def config_from(source: Any = None, **overrides) -> PretrainedConfig:
     """A validated LlamaConfig / Qwen2Config / MistralConfig (chosen by `model_type`, default llama).
 
-    `source`: None (transformers' LlamaConfig defaults), a config object, a dict, an HF directory or
-    its config.json. `overrides` set config fields (None values are ignored, so unset CLI options
+    `source`: None or a built-in name ("llama", "qwen2", "mistral": transformers' defaults for that
+    class), a config object, a dict, an HF directory or its config.json. `overrides` set config fields (None values are ignored, so unset CLI options
     pass through); `rope_theta` sets rope_parameters["rope_theta"]; `dropout` sets attention_dropout
     (the family's only dropout).
     """
@@ -55,9 +58,12 @@ def config_from(source: Any = None, **overrides) -> PretrainedConfig:
         old_h, old_n = d.get("hidden_size"), d.get("num_attention_heads")
         if d["head_dim"] is None or (old_h and old_n and d["head_dim"] == old_h // old_n):
             d["head_dim"] = None  # it was derived: derive it again from the new shape
-    if "num_hidden_layers" in overrides and all(t == "full_attention" for t in d.get("layer_types") or ()):
+    if "num_hidden_layers" in overrides and d.get("layer_types") and all(t == "full_attention" for t in d["layer_types"]):
         d["layer_types"] = None  # Qwen2 lists one entry per layer; rebuilt for the new depth
-    for name, value in overrides.items():
+    # rope_theta last: it edits whatever rope_parameters the source or an override gave.
+    for name, value in sorted(overrides.items(), key=lambda kv: kv[0] == "rope_theta"):
+        if hasattr(value, "to_dict"):  # an ml_collections ConfigDict (rope_parameters from a config file)
+            value = value.to_dict()
         if name == "dropout":
             d["attention_dropout"] = float(value)
         elif name == "rope_theta":
@@ -77,6 +83,9 @@ def config_from(source: Any = None, **overrides) -> PretrainedConfig:
 def _source_dict(source: Any) -> dict:
     if source is None:
         return LlamaConfig().to_dict()
+    if isinstance(source, str) and source in BUILTIN_NAMES and not os.path.exists(source):
+        # The class's own defaults (Mistral's without its 4096-token sliding window).
+        return CONFIG_CLASSES[source]().to_dict() | ({"sliding_window": None} if source == "mistral" else {})
     if isinstance(source, PretrainedConfig):
         return source.to_dict()
     if isinstance(source, dict):

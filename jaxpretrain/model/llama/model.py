@@ -118,18 +118,8 @@ class Attention(nnx.Module):
     def decode(self, x, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
         """Attention of x's t new positions (start, ..., start + t - 1) over the cache, which gains their k, v."""
         q, k, v = self._qkv(x, start + jnp.arange(x.shape[1]))
-        cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), (0, start, 0, 0))
-                 for name, new in (("k", k), ("v", v))}
-        y = cached_attention(q, cache["k"], cache["v"], start, self.scale)
-        return self.o_proj(y), cache
-
-
-def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array, scale: float) -> jax.Array:
-    """q [B, t, H, D] at positions start.. over a fixed-size cache [B, max_len, KV, D]: query i sees
-    cache slots 0 .. start + i (later slots are empty or stale)."""
-    t, max_len = q.shape[1], k_cache.shape[1]
-    mask = jnp.arange(max_len)[None, :] <= start + jnp.arange(t)[:, None]
-    return jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask[None, None], scale=scale, implementation="xla")
+        cache = layers.update_cache(cache, k, v, start)
+        return self.o_proj(layers.cached_attention(q, cache["k"], cache["v"], start, scale=self.scale)), cache
 
 
 class MLP(nnx.Module):

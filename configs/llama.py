@@ -1,0 +1,140 @@
+"""Llama pretraining configs: `--config configs/llama.py[:preset]`, presets "tiny", "150m" and "1b" (default).
+
+The sections and every non-model field are configs/gpt2.py's (the seed's recipe layout); only the
+`model` section differs: its shape fields are transformers' LlamaConfig fields, each overridable as
+`--config.model.hidden_size=...`. No preset needs a download: the shapes are written in below.
+
+"1b" is Llama 3.2 1B's shape (hidden 2048, 16 layers, 32 heads, 8 kv heads, intermediate 8192, RoPE
+theta 500000 with llama3 scaling, tied embeddings, vocabulary 128256) on FineWeb-Edu tokenized with the
+Llama 3 tokenizer; "150m" is a smaller Llama 3 of the same style (161M parameters with that vocabulary).
+Both take the 124m recipe's 524,288-token steps. "tiny" trains on the embedded corpus (CPython's stdlib,
+GPT-2-tokenized: vocabulary 50257) in a few minutes on 2 CPU cores, like configs/gpt2.py:tiny.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def _gpt2_presets():
+    # ml_collections loads config files by path, so the sibling is loaded the same way.
+    spec = importlib.util.spec_from_file_location("_gpt2_presets", os.path.join(os.path.dirname(__file__), "gpt2.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_GPT2 = _gpt2_presets()
+# Where `python -m jaxpretrain.preprocess ... --pretrained-model-name-or-path meta-llama/Llama-3.2-1B`
+# writes FineWeb-Edu 10BT (README, "Pretraining a Llama").
+FINEWEB_LLAMA3_PREFIXES = "fineweb_edu/megatron_llama3/processed_data_*_text_document*"
+FINEWEB_LLAMA3_MAPPING_DIR = "fineweb_edu/megatron_llama3/mapping_dir"
+LLAMA3_TOKENIZER = "meta-llama/Llama-3.2-1B"
+
+
+def _model() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    # HF config to start from: "llama" / "qwen2" / "mistral" (transformers' defaults for that class,
+    # no download), or an HF directory / config.json; the shape fields below override it.
+    m.pretrained_model_name_or_path = "llama"
+    # Shape (LlamaConfig's names; None: keep the source config's value).
+    m.vocab_size = placeholder(int)
+    m.hidden_size = placeholder(int)
+    m.intermediate_size = placeholder(int)  # SwiGLU inner width
+    m.num_hidden_layers = placeholder(int)
+    m.num_attention_heads = placeholder(int)
+    m.num_key_value_heads = placeholder(int)  # fewer than num_attention_heads: grouped-query attention
+    m.head_dim = placeholder(int)  # None: hidden_size // num_attention_heads
+    m.max_position_embeddings = placeholder(int)  # the longest sequence (training and generation)
+    # RoPE: {"rope_type": "default" | "linear" | "llama3", "rope_theta": ..., and the type's own keys}.
+    m.rope_parameters = placeholder(dict)
+    m.rope_theta = placeholder(float)  # sets rope_parameters["rope_theta"] alone
+    m.tie_word_embeddings = placeholder(bool)  # the LM head is the input embedding
+    m.attention_bias = placeholder(bool)  # biases on q/k/v/o (Qwen2 configs always bias q/k/v)
+    m.rms_norm_eps = placeholder(float)
+    m.initializer_range = placeholder(float)  # std of the normal init of every projection and embedding
+    m.bos_token_id = placeholder(int)  # written to the exported config (generation stops at eos)
+    m.eos_token_id = placeholder(int)
+    # Attention dropout probability (None: the config's, 0.0 for Llama, which pretrains without dropout).
+    m.dropout = placeholder(float)
+    # Compute dtype of matmuls/activations; master weights, RMSNorm statistics and the loss stay float32.
+    m.dtype = "bfloat16"
+    # Attention kernel for jax.nn.dot_product_attention: "cudnn" (flash, GPU), "xla", or None (auto).
+    m.attention_impl = placeholder(str)
+    # Pad the embedding and LM-head rows to a multiple of this for faster matmuls; never exported.
+    m.vocab_multiple = 128
+    # Recompute each block's activations in the backward pass (less memory, ~30% more FLOPs).
+    m.remat = False
+    # Start from the HF checkpoint's weights instead of a fresh init.
+    m.load_weights = False
+    return m
+
+
+def _llama3(m: ml_collections.ConfigDict, **shape) -> None:
+    """Llama 3's style: GQA, RoPE theta 500000, tied embeddings, the Llama 3 tokenizer's vocabulary."""
+    m.vocab_size = 128256
+    m.max_position_embeddings = 131072
+    m.tie_word_embeddings = True
+    m.rms_norm_eps = 1e-5
+    m.bos_token_id, m.eos_token_id = 128000, 128001
+    for name, value in shape.items():
+        m[name] = value
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset = (arg or "1b").strip().lower()
+    c = _GPT2._base()
+    with c.ignore_type():
+        c.model = _model()
+    m = c.model
+    if preset in ("150m", "1b"):
+        for d in (c.dataset, c.validation_dataset):
+            d.paths = FINEWEB_LLAMA3_PREFIXES
+            d.index_mapping_dir = FINEWEB_LLAMA3_MAPPING_DIR
+            d.tokenizer = LLAMA3_TOKENIZER
+        c.checkpoint.checkpoint_dir = f"checkpoints/llama_{preset}/"
+    if preset == "150m":
+        _llama3(m, hidden_size=768, intermediate_size=2048, num_hidden_layers=10, num_attention_heads=12,
+                num_key_value_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    elif preset == "1b":
+        _llama3(m, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, rope_parameters={
+                    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+        for d in (c.dataset, c.validation_dataset):
+            d.seq_length = 2048
+        # 256 x 2048 = 524,288 tokens per step, the 124m recipe's; 3e-4 as Llama 3.2's smaller models.
+        c.step_scheduler.global_batch_size = 256
+        c.step_scheduler.local_batch_size = 8
+        c.optimizer.lr = 3e-4
+    elif preset == "tiny":
+        m.vocab_size = 50257  # the embedded corpus is GPT-2-tokenized
+        m.bos_token_id = m.eos_token_id = 50256
+        m.hidden_size, m.intermediate_size = 128, 384
+        m.num_hidden_layers, m.num_attention_heads, m.num_key_value_heads = 2, 4, 2
+        m.max_position_embeddings = 256
+        m.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        m.tie_word_embeddings = True
+        m.dtype = "float32"
+        m.vocab_multiple = 64
+        for d in (c.dataset, c.validation_dataset):
+            d.paths = _GPT2.DEFAULT_PREFIXES
+            d.index_mapping_dir = _GPT2.DEFAULT_MAPPING_DIR
+            d.seq_length = 128
+            d.split = "0.98, 0.02, 0.00"
+        c.validation_dataset.num_val_samples = 64
+        c.step_scheduler.global_batch_size = 16
+        c.step_scheduler.local_batch_size = 8
+        c.step_scheduler.ckpt_every_steps = 100
+        c.step_scheduler.val_every_steps = 50
+        c.step_scheduler.max_steps = 200
+        c.checkpoint.checkpoint_dir = "runs/llama_tiny/checkpoints"
+        c.optimizer.lr = 3e-3
+        c.lr_scheduler.lr_warmup_steps = 20
+        c.logging.log_every_steps = 10
+    else:
+        raise ValueError(f"configs/llama.py: unknown preset {arg!r}; use 'tiny', '150m' or '1b'")
+    c.lock()
+    return c
