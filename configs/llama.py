@@ -28,7 +28,7 @@ def _gpt2_presets():
 
 _GPT2 = _gpt2_presets()
 # Where `python -m jaxpretrain.preprocess ... --pretrained-model-name-or-path meta-llama/Llama-3.2-1B`
-# writes FineWeb-Edu 10BT (README, "Pretraining a Llama").
+# writes FineWeb-Edu 10BT (README, "Model").
 FINEWEB_LLAMA3_PREFIXES = "fineweb_edu/megatron_llama3/processed_data_*_text_document*"
 FINEWEB_LLAMA3_MAPPING_DIR = "fineweb_edu/megatron_llama3/mapping_dir"
 LLAMA3_TOKENIZER = "meta-llama/Llama-3.2-1B"

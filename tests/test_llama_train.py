@@ -11,9 +11,8 @@ import subprocess
 import sys
 
 import numpy as np
-from test_train import ROOT, SEQ, STEP_LINE, VAL_LINE, python, token_glob, train_losses  # noqa: F401 (fixture)
-
 import pytest
+from test_train import ROOT, SEQ, STEP_LINE, VAL_LINE, python, token_glob, train_losses  # noqa: F401 (fixture)
 
 STEPS = 12
 VAL_SAMPLES = 16

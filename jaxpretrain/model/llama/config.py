@@ -32,18 +32,15 @@ ROPE_TYPES = ("default", "linear", "llama3")
 BUILTIN_NAMES = tuple(CONFIG_CLASSES)
 ACTIVATIONS = ("silu", "swish")  # both are SiLU in transformers' ACT2FN; SwiGLU's gate
 
-# Shape fields; changing hidden_size or num_attention_heads re-derives a head_dim that was derived.
-_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "max_position_embeddings")
-
 
 def config_from(source: Any = None, **overrides) -> PretrainedConfig:
     """A validated LlamaConfig / Qwen2Config / MistralConfig (chosen by `model_type`, default llama).
 
     `source`: None or a built-in name ("llama", "qwen2", "mistral": transformers' defaults for that
-    class), a config object, a dict, an HF directory or its config.json. `overrides` set config fields (None values are ignored, so unset CLI options
-    pass through); `rope_theta` sets rope_parameters["rope_theta"]; `dropout` sets attention_dropout
-    (the family's only dropout).
+    class), a config object, a dict, an HF directory or its config.json. `overrides` set config
+    fields (None values are ignored, so unset CLI options pass through); `rope_theta` sets
+    rope_parameters["rope_theta"]; `dropout` sets attention_dropout (the family's only dropout).
+    Overriding hidden_size or num_attention_heads re-derives a head_dim that was derived.
     """
     d = _source_dict(source)
     model_type = d.get("model_type") or "llama"
