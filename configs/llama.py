@@ -1,8 +1,8 @@
 """Llama pretraining configs: `--config configs/llama.py[:preset]`, presets "tiny", "150m" and "1b" (default).
 
-The sections and every non-model field are configs/gpt2.py's (the seed's recipe layout); only the
-`model` section differs: its shape fields are transformers' LlamaConfig fields, each overridable as
-`--config.model.hidden_size=...`. No preset needs a download: the shapes are written in below.
+The sections other than `model` are shared by every family (jaxpretrain/config/sections.py, the seed's
+recipe layout); the `model` section's shape fields are transformers' LlamaConfig fields, each
+overridable as `--config.model.hidden_size=...`. No preset needs a download: the shapes are written in.
 
 "1b" is Llama 3.2 1B's shape (hidden 2048, 16 layers, 32 heads, 8 kv heads, intermediate 8192, RoPE
 theta 500000 with llama3 scaling, tied embeddings, vocabulary 128256) on FineWeb-Edu tokenized with the
@@ -11,22 +11,16 @@ Both take the 124m recipe's 524,288-token steps. "tiny" trains on the embedded c
 GPT-2-tokenized: vocabulary 50257) in a few minutes on 2 CPU cores, like configs/gpt2.py:tiny.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from jaxpretrain.config.sections import recipe_sections, use_embedded_corpus
 
-def _gpt2_presets():
-    # ml_collections loads config files by path, so the sibling is loaded the same way.
-    spec = importlib.util.spec_from_file_location("_gpt2_presets", os.path.join(os.path.dirname(__file__), "gpt2.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_GPT2 = _gpt2_presets()
+PRESETS = {
+    "1b": "Llama 3.2 1B's shape on FineWeb-Edu 10BT tokenized for Llama 3 (default)",
+    "150m": "a 161M Llama 3 (10 layers x 768, 12 heads over 4 kv heads) on the same data",
+    "tiny": "2 layers x 128, 4 heads over 2 kv heads, on the embedded stdlib corpus, 200 steps on CPU in minutes",
+}
 # Where `python -m jaxpretrain.preprocess ... --pretrained-model-name-or-path meta-llama/Llama-3.2-1B`
 # writes FineWeb-Edu 10BT (README, "Model").
 FINEWEB_LLAMA3_PREFIXES = "fineweb_edu/megatron_llama3/processed_data_*_text_document*"
@@ -34,10 +28,10 @@ FINEWEB_LLAMA3_MAPPING_DIR = "fineweb_edu/megatron_llama3/mapping_dir"
 LLAMA3_TOKENIZER = "meta-llama/Llama-3.2-1B"
 
 
-def _model() -> ml_collections.ConfigDict:
+def model_section() -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     # HF config to start from: "llama" / "qwen2" / "mistral" (transformers' defaults for that class,
-    # no download), or an HF directory / config.json; the shape fields below override it.
+    # no download), or an HF directory / config.json; the shape fields below override it (`none`: keep its).
     m.pretrained_model_name_or_path = "llama"
     # Shape (LlamaConfig's names; None: keep the source config's value).
     m.vocab_size = placeholder(int)
@@ -85,15 +79,14 @@ def _llama3(m: ml_collections.ConfigDict, **shape) -> None:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset = (arg or "1b").strip().lower()
-    c = _GPT2._base()
-    with c.ignore_type():
-        c.model = _model()
+    if preset not in PRESETS:
+        raise ValueError(f"configs/llama.py: unknown preset {arg!r}; presets: {', '.join(PRESETS)}")
+    c = recipe_sections(model_section())
     m = c.model
     if preset in ("150m", "1b"):
-        for d in (c.dataset, c.validation_dataset):
-            d.paths = FINEWEB_LLAMA3_PREFIXES
-            d.index_mapping_dir = FINEWEB_LLAMA3_MAPPING_DIR
-            d.tokenizer = LLAMA3_TOKENIZER
+        c.dataset.paths = FINEWEB_LLAMA3_PREFIXES
+        c.dataset.index_mapping_dir = FINEWEB_LLAMA3_MAPPING_DIR
+        c.dataset.tokenizer = LLAMA3_TOKENIZER
         c.checkpoint.checkpoint_dir = f"checkpoints/llama_{preset}/"
     if preset == "150m":
         _llama3(m, hidden_size=768, intermediate_size=2048, num_hidden_layers=10, num_attention_heads=12,
@@ -103,8 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 num_key_value_heads=8, rope_parameters={
                     "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-        for d in (c.dataset, c.validation_dataset):
-            d.seq_length = 2048
+        c.dataset.seq_length = 2048
         # 256 x 2048 = 524,288 tokens per step, the 124m recipe's; 3e-4 as Llama 3.2's smaller models.
         c.step_scheduler.global_batch_size = 256
         c.step_scheduler.local_batch_size = 8
@@ -119,22 +111,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         m.tie_word_embeddings = True
         m.dtype = "float32"
         m.vocab_multiple = 64
-        for d in (c.dataset, c.validation_dataset):
-            d.paths = _GPT2.DEFAULT_PREFIXES
-            d.index_mapping_dir = _GPT2.DEFAULT_MAPPING_DIR
-            d.seq_length = 128
-            d.split = "0.98, 0.02, 0.00"
-        c.validation_dataset.num_val_samples = 64
-        c.step_scheduler.global_batch_size = 16
-        c.step_scheduler.local_batch_size = 8
-        c.step_scheduler.ckpt_every_steps = 100
-        c.step_scheduler.val_every_steps = 50
-        c.step_scheduler.max_steps = 200
+        use_embedded_corpus(c, seq_length=128)
         c.checkpoint.checkpoint_dir = "runs/llama_tiny/checkpoints"
         c.optimizer.lr = 3e-3
-        c.lr_scheduler.lr_warmup_steps = 20
-        c.logging.log_every_steps = 10
-    else:
-        raise ValueError(f"configs/llama.py: unknown preset {arg!r}; use 'tiny', '150m' or '1b'")
     c.lock()
     return c

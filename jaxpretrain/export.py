@@ -24,6 +24,7 @@ def load_checkpoint_model(checkpoint_dir: str, step: int | None = None):
     import jaxpretrain.model as M
     from jaxpretrain.train.checkpoint import TrainCheckpointer
 
+    _check_not_a_step_dir(checkpoint_dir)
     ckpt = TrainCheckpointer(checkpoint_dir, read_only=True)
     steps = ckpt.all_steps()
     if not steps:
@@ -43,6 +44,18 @@ def load_checkpoint_model(checkpoint_dir: str, step: int | None = None):
     params = ckpt.restore_params(step, target)
     ckpt.close()
     return nnx.merge(graphdef, params), meta
+
+
+def _check_not_a_step_dir(path: str) -> None:
+    """A step directory (checkpoints/200) passed where the checkpoint root belongs: say which to pass."""
+    path = os.path.abspath(path)
+    name = os.path.basename(path.rstrip(os.sep))
+    items = set(os.listdir(path)) if os.path.isdir(path) else set()
+    if name.isdigit() and items & {"params", "meta", "_CHECKPOINT_METADATA"}:
+        raise UserError(
+            f"{path}: is one checkpoint (step {name}), not a checkpoint directory; "
+            f"use --checkpoint-dir {os.path.dirname(path)} --step {int(name)}"
+        )
 
 
 def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None) -> str:

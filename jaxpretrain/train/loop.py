@@ -8,6 +8,7 @@ This is the one place that wires the data path, the model, the mesh and the opti
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from flax import nnx
 
 import jaxpretrain.model as M
 from jaxpretrain import parallel
+from jaxpretrain.errors import UserError
 from jaxpretrain.train import metrics as metrics_lib
 from jaxpretrain.train import report
 from jaxpretrain.train.preemption import StopSignal
@@ -27,15 +29,22 @@ from jaxpretrain.train.setup import Run, setup, validation_loader
 log = logging.getLogger("jaxpretrain")
 
 
-def run(cfg) -> int:
+def run(cfg, loaded=None) -> int:
+    """Train as `cfg` says. `loaded` (jaxpretrain.config.files.Loaded): where the config came from,
+    for the log and the effective config written to the run directory."""
+    from jaxpretrain.config import finalize
+
+    finalize(cfg)
     # Joining the run comes first: setup_logging asks for jax.process_index(), which starts the XLA
     # backend, after which jax.distributed.initialize refuses to run.
     parallel.initialize_distributed()
     stop = StopSignal()  # SIGTERM from here on saves and exits (jax.distributed's handler is replaced)
     report.setup_logging()
-    r = setup(cfg)
-    report.log_experiment(r, float(M.param_l2_norm(r.state["params"])))
-    return Trainer(r, stop).train()
+    r = setup(cfg, source=loaded.source if loaded is not None else None)
+    trainer = Trainer(r, stop)
+    trainer.write_config(loaded)
+    report.log_experiment(r, float(M.param_l2_norm(r.state["params"])), trainer.run_dir)
+    return trainer.train()
 
 
 class Trainer:
@@ -45,13 +54,28 @@ class Trainer:
         self.r, self.stop = r, stop
         self.state = r.state
         cfg = r.cfg
-        run_dir = cfg.logging.run_dir or os.path.join(cfg.checkpoint.checkpoint_dir, "logs")
-        self.sinks = metrics_lib.MetricSinks(run_dir, enabled=jax.process_index() == 0, wandb_cfg=cfg.wandb, config_dict=cfg.to_dict())
+        self.run_dir = os.path.abspath(cfg.logging.run_dir or os.path.join(cfg.checkpoint.checkpoint_dir, "logs"))
+        self.sinks = metrics_lib.MetricSinks(self.run_dir, enabled=jax.process_index() == 0, wandb_cfg=cfg.wandb, config_dict=cfg.to_dict())
         seq_len = int(cfg.dataset.seq_length)
         self.tokens_per_step = r.plan.global_batch_size * seq_len
         self.flops_per_token = r.training.flops_per_token(seq_len)
         self.peak_flops = metrics_lib.peak_flops_per_device(jax.devices()[0])
-        self.last_time = time.perf_counter()
+        self.last_time = self.start_time = time.perf_counter()
+        self.last_train: tuple[int, float] | None = None  # (step, loss) of the newest step reported
+        self.last_val: tuple[int, float] | None = None
+        self.hellaswag = self._prepare_hellaswag()
+
+    def write_config(self, loaded) -> None:
+        """`<run_dir>/config.yaml`: every field of this run, which `--config` takes back (process 0)."""
+        if jax.process_index() != 0:
+            return
+        from jaxpretrain.config import files, recipe_yaml
+
+        if loaded is None or not loaded.base:
+            family = M.family_of(self.r.training.hf_config).name
+            loaded = files.Loaded(self.r.cfg, {}, os.path.join(files.REPO_ROOT, "configs", f"{family}.py"), "")
+        os.makedirs(self.run_dir, exist_ok=True)
+        recipe_yaml.write_effective(loaded, self.r.cfg, os.path.join(self.run_dir, "config.yaml"))
 
     def epoch(self, step: int) -> int:
         return (step - 1) // self.r.data.steps_per_epoch
@@ -67,7 +91,34 @@ class Trainer:
         loss, count = float(ce_sum) / max(int(count), 1), int(count)
         log.info(metrics_lib.format_val_line(step, self.epoch(step), loss, t.lr_schedule.value(step), count))
         self.sinks.log("validation", step, {"val_loss": loss, "num_label_tokens": count})
+        self.last_val = (step, loss)
         return loss
+
+    # -- HellaSwag
+
+    def _prepare_hellaswag(self):
+        """(prepared rows, jitted forward) for eval.hellaswag_path, or None: tokenized once, compiled once."""
+        r = self.r
+        if not r.hellaswag_items:
+            return None
+        from jaxpretrain.evaluation import hellaswag
+        from jaxpretrain.tokenizer import load_tokenizer
+
+        if r.cfg.eval.batch_size % r.plan.dp_size:
+            raise UserError(f"eval.batch_size: {r.cfg.eval.batch_size} is not a multiple of the data-parallel size {r.plan.dp_size}")
+        c = r.training.hf_config
+        prepared = hellaswag.prepare(r.hellaswag_items, load_tokenizer(r.cfg.dataset.tokenizer), max_len=M.family_of(c).max_positions(c))
+        return prepared, hellaswag.make_forward(r.training.graphdef, mesh=r.mesh)
+
+    def evaluate_hellaswag(self, step: int) -> None:
+        from jaxpretrain.evaluation import hellaswag
+
+        prepared, forward = self.hellaswag
+        # The states are passed afresh each time: the train step donates (invalidates) the old ones.
+        logits_fn = functools.partial(forward, (self.state["params"], self.r.training.rest))
+        result = hellaswag.evaluate(logits_fn, prepared, int(self.r.cfg.eval.batch_size), sharding=parallel.batch_sharding(self.r.mesh))
+        log.info("[eval] step %d | hellaswag acc_norm %.4f | acc %.4f | items %d", step, result.acc_norm, result.acc, result.items)
+        self.sinks.log("eval", step, {"hellaswag_acc_norm": result.acc_norm, "hellaswag_acc": result.acc, "items": result.items})
 
     # -- checkpoints
 
@@ -107,6 +158,33 @@ class Trainer:
                 tps, n_dev, values["num_label_tokens"], mfu,
             ))
         self.sinks.log("train", step, values | ({"mfu": mfu} if mfu is not None else {}))
+        self.last_train = (step, loss)
+
+    def report_saved(self) -> None:
+        """A line for each checkpoint whose (asynchronous) save has completed."""
+        if self.r.checkpointer is not None:
+            for step in self.r.checkpointer.completed():
+                log.info("Checkpoint saved: step %d -> %s", step, self.r.checkpointer.step_dir(step))
+
+    def summary(self, last_step: int, stopped: bool) -> None:
+        r = self.r
+        done = last_step - r.start_step
+        tokens = done * self.tokens_per_step
+        parts = [f"{'Stopped' if stopped else 'Finished'} at step {last_step} of {r.data.total_steps}",
+                 f"{done} steps and {tokens:,} tokens in {report.duration(time.perf_counter() - self.start_time)}"]
+        if self.last_train:
+            parts.append(f"train loss {self.last_train[1]:.4f} (step {self.last_train[0]})")
+        if self.last_val:
+            parts.append(f"val loss {self.last_val[1]:.4f} (step {self.last_val[0]})")
+        log.info("Summary: %s", " | ".join(parts))
+        ckpt = r.checkpointer
+        newest = ckpt.latest_step() if ckpt is not None else None
+        if newest is not None:
+            log.info("Newest checkpoint: %s", ckpt.step_dir(newest))
+            if stopped:
+                log.info("Next: rerun the same command to resume from step %d", newest)
+            log.info("Export it: python -m jaxpretrain.export --checkpoint-dir %s --output %s",
+                     ckpt.directory, os.path.join(os.path.dirname(ckpt.directory), "hf"))
 
     # -- the loop
 
@@ -115,7 +193,8 @@ class Trainer:
         total = r.data.total_steps
         if r.start_step >= total:
             log.info("Nothing to do: the checkpoint is at step %d of %d", r.start_step, total)
-        pending = None
+        pending, step, stopping = None, r.start_step, False
+        eval_every = int(r.cfg.eval.eval_every_steps or ss.val_every_steps or total)
         for step in range(r.start_step + 1, total + 1):
             batch = parallel.make_global_batch(next(r.data_iter), r.mesh)
             self.state, device_metrics = r.training.train_step(self.state, batch, jnp.int32(step - 1))
@@ -125,14 +204,18 @@ class Trainer:
             stopping = self.stop.should_stop(step)
             is_val = r.data.validation is not None and step % ss.val_every_steps == 0
             is_ckpt = step % ss.ckpt_every_steps == 0 or step == total or stopping
-            if is_val or is_ckpt:
+            is_eval = self.hellaswag is not None and not stopping and (step % eval_every == 0 or step == total)
+            if is_val or is_ckpt or is_eval:
                 self.report(*pending)
                 pending = None
                 if is_val or (is_ckpt and r.data.validation is not None and not stopping):
                     self.validate(step)
+                if is_eval:
+                    self.evaluate_hellaswag(step)
                 if is_ckpt:
                     self.save(step)
                 self.last_time = time.perf_counter()
+            self.report_saved()
             if stopping:
                 log.info("SIGTERM: %s step %d, exiting", "saved" if r.checkpointer is not None else "stopped after", step)
                 break
@@ -140,6 +223,9 @@ class Trainer:
             self.report(*pending)
         if r.checkpointer is not None:
             r.checkpointer.wait()
+            self.report_saved()
+        self.summary(step, stopping)
+        if r.checkpointer is not None:
             r.checkpointer.close()
         self.sinks.close()
         return 0

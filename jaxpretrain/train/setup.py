@@ -106,8 +106,10 @@ def model_config(cfg):
     overrides = {k: v for k, v in m.items() if k not in MODEL_OPTIONS and v is not None}
     hf_config = M.config_from(m.pretrained_model_name_or_path, dropout=m.dropout, **overrides)
     limit = M.family_of(hf_config).max_positions(hf_config)
-    if limit < cfg.dataset.seq_length:
-        raise UserError(f"dataset.seq_length: {cfg.dataset.seq_length} exceeds the model's maximum positions ({limit})")
+    for section in ("dataset", "validation_dataset"):
+        seq = cfg[section].seq_length
+        if seq is not None and limit < seq:
+            raise UserError(f"{section}.seq_length: {seq} exceeds the model's maximum positions ({limit})")
     return hf_config
 
 
@@ -188,15 +190,17 @@ class Data:
 
 
 def build_data(cfg, plan: BatchPlan) -> Data:
+    from jaxpretrain.config.overrides import plain
+
     ds_cfg, val_cfg = cfg.dataset, cfg.validation_dataset
     train_ds = build_gpt_datasets(
-        ds_cfg.paths, seq_length=ds_cfg.seq_length, split=ds_cfg.split, seed=ds_cfg.seed,
+        plain(ds_cfg.paths), seq_length=ds_cfg.seq_length, split=ds_cfg.split, seed=ds_cfg.seed,
         num_samples=(plan.train_samples, 0, 0), cache_dir=ds_cfg.index_mapping_dir,
     )[0]
     val_ds = None
     if plan.val_samples and cfg.step_scheduler.val_every_steps:
         val_ds = build_gpt_datasets(
-            val_cfg.paths, seq_length=val_cfg.seq_length, split=val_cfg.split, seed=val_cfg.seed,
+            plain(val_cfg.paths), seq_length=val_cfg.seq_length, split=val_cfg.split, seed=val_cfg.seed,
             num_samples=(0, plan.val_samples, 0), cache_dir=val_cfg.index_mapping_dir,
         )[1]
     steps_per_epoch = len(train_ds) // plan.global_batch_size
@@ -234,14 +238,25 @@ class Run:
     data_iter: object  # the train loader's iterator, at the resumed position
     checkpointer: TrainCheckpointer | None
     start_step: int  # the last completed step (0: a fresh run)
+    config_source: str  # what --config named, for the log
+    hellaswag_items: list | None = None  # eval.hellaswag_path's items, read (and checked) before any data work
 
 
-def setup(cfg) -> Run:
-    """Mesh, batches and model config first (a bad config fails in a second, before any data or
-    compile work), then data, the sharded model and optimizer, and the newest checkpoint if any."""
+def setup(cfg, source: str | None = None) -> Run:
+    """Mesh, batches, model config, LR schedule and the checkpoint's model shape first (a bad config
+    fails in a second, before any data or compile work), then data, the sharded model and optimizer,
+    and the newest checkpoint if any."""
     mesh = make_mesh(cfg)
     plan = plan_batches(cfg, parallel.data_parallel_size(mesh))
     hf_config = model_config(cfg)
+    build_optimizer(cfg, schedule_lib.from_config(cfg))  # schedule and optimizer mistakes: one line, now
+    if cfg.checkpoint.enabled:
+        check_resumable(cfg, hf_config)
+    hellaswag_items = None
+    if cfg.eval.hellaswag_path:
+        from jaxpretrain.evaluation import hellaswag
+
+        hellaswag_items = hellaswag.load_items(cfg.eval.hellaswag_path, cfg.eval.hellaswag_limit)
     data = build_data(cfg, plan)
     training = build_training(cfg, mesh, plan, hf_config)
     state, data_iter = training.state, iter(data.loader)
@@ -257,4 +272,52 @@ def setup(cfg) -> Run:
             start_step = latest
             log.info("Resumed from %s at step %d", os.path.join(ckpt.directory, str(latest)), latest)
     training.state = None  # the Run's state is the one to use (the initial one may have been donated)
-    return Run(cfg, mesh, plan, data, training, state, data_iter, ckpt, start_step)
+    return Run(cfg, mesh, plan, data, training, state, data_iter, ckpt, start_step, source or "(a config object)", hellaswag_items)
+
+
+def check_resumable(cfg, hf_config) -> None:
+    """A checkpoint in checkpoint_dir must hold the model this config builds: name the first field
+    that differs (from the checkpoint's own record of its config) instead of failing inside Orbax."""
+    directory = cfg.checkpoint.checkpoint_dir
+    if not os.path.isdir(directory):
+        return
+    ckpt = TrainCheckpointer(directory, read_only=True)
+    try:
+        latest = ckpt.latest_step()
+        if latest is None:
+            return
+        meta = ckpt.restore_meta(latest)
+    finally:
+        ckpt.close()
+    theirs = M.config_from(meta["model_config"])
+    ours_shapes = _param_shapes(hf_config, int(cfg.model.vocab_multiple))
+    theirs_shapes = _param_shapes(theirs, int(meta["config"]["model"].get("vocab_multiple", 1)))
+    if ours_shapes == theirs_shapes:
+        return
+    hint = f"resume needs the same model; for a new run use another checkpoint.checkpoint_dir (not {directory})"
+    mine, saved = hf_config.to_dict(), theirs.to_dict()
+    if M.family_of(hf_config) is not M.family_of(theirs):
+        raise UserError(f"model: the checkpoint at {directory}/{latest} is a {saved.get('model_type')} model, this config a {mine.get('model_type')}; {hint}")
+    ignore = {"architectures", "transformers_version", "_name_or_path"}
+    for key in sorted(set(mine) | set(saved)):
+        if key not in ignore and mine.get(key) != saved.get(key) and _affects_shapes(hf_config, key, saved.get(key), cfg):
+            raise UserError(
+                f"model.{key}: the checkpoint at {directory}/{latest} has {key}={saved.get(key)!r}, this config {mine.get(key)!r}; {hint}"
+            )
+    vm = meta["config"]["model"].get("vocab_multiple")
+    raise UserError(f"model.vocab_multiple: the checkpoint at {directory}/{latest} has {vm}, this config {cfg.model.vocab_multiple}; {hint}")
+
+
+def _param_shapes(hf_config, vocab_multiple: int) -> dict:
+    _, abstract = M.abstract_model(hf_config, vocab_multiple=vocab_multiple)
+    return {path: tuple(v.shape) for path, v in nnx.to_flat_state(abstract)}
+
+
+def _affects_shapes(hf_config, key, value, cfg) -> bool:
+    """Whether setting `key` to the checkpoint's value changes the parameter shapes of this config."""
+    trial = M.config_from(hf_config.to_dict())
+    try:
+        setattr(trial, key, value)
+        return _param_shapes(trial, int(cfg.model.vocab_multiple)) != _param_shapes(hf_config, int(cfg.model.vocab_multiple))
+    except Exception:  # a value this config class cannot take: it differs, and it matters
+        return True
