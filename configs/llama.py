@@ -33,23 +33,37 @@ def model_section() -> ml_collections.ConfigDict:
     # HF config to start from: "llama" / "qwen2" / "mistral" (transformers' defaults for that class,
     # no download), or an HF directory / config.json; the shape fields below override it (`none`: keep its).
     m.pretrained_model_name_or_path = "llama"
-    # Shape (LlamaConfig's names; None: keep the source config's value).
+    # Vocabulary size; it must cover the token files' ids (None here and below: the source config's value).
     m.vocab_size = placeholder(int)
+    # Width of the residual stream.
     m.hidden_size = placeholder(int)
-    m.intermediate_size = placeholder(int)  # SwiGLU inner width
+    # Inner width of the SwiGLU MLP.
+    m.intermediate_size = placeholder(int)
+    # Decoder layers.
     m.num_hidden_layers = placeholder(int)
+    # Query heads.
     m.num_attention_heads = placeholder(int)
-    m.num_key_value_heads = placeholder(int)  # fewer than num_attention_heads: grouped-query attention
-    m.head_dim = placeholder(int)  # None: hidden_size // num_attention_heads
-    m.max_position_embeddings = placeholder(int)  # the longest sequence (training and generation)
-    # RoPE: {"rope_type": "default" | "linear" | "llama3", "rope_theta": ..., and the type's own keys}.
+    # Key/value heads; fewer than num_attention_heads is grouped-query attention.
+    m.num_key_value_heads = placeholder(int)
+    # Size of each head; None: hidden_size // num_attention_heads.
+    m.head_dim = placeholder(int)
+    # The longest sequence the model takes, in training and in generation.
+    m.max_position_embeddings = placeholder(int)
+    # RoPE as JSON: {"rope_type": "default" | "linear" | "llama3", "rope_theta": ..., the type's own keys}.
     m.rope_parameters = placeholder(dict)
-    m.rope_theta = placeholder(float)  # sets rope_parameters["rope_theta"] alone
-    m.tie_word_embeddings = placeholder(bool)  # the LM head is the input embedding
-    m.attention_bias = placeholder(bool)  # biases on q/k/v/o (Qwen2 configs always bias q/k/v)
+    # RoPE base alone (sets rope_parameters["rope_theta"]).
+    m.rope_theta = placeholder(float)
+    # The LM head is the input embedding.
+    m.tie_word_embeddings = placeholder(bool)
+    # Biases on the q/k/v/o projections (Llama's attention_bias; Qwen2 configs always bias q/k/v).
+    m.attention_bias = placeholder(bool)
+    # RMSNorm's epsilon.
     m.rms_norm_eps = placeholder(float)
-    m.initializer_range = placeholder(float)  # std of the normal init of every projection and embedding
-    m.bos_token_id = placeholder(int)  # written to the exported config (generation stops at eos)
+    # Std of the normal init of every projection and embedding (HF's _init_weights).
+    m.initializer_range = placeholder(float)
+    # Beginning-of-sequence id, written to the exported config.
+    m.bos_token_id = placeholder(int)
+    # End-of-sequence id, written to the exported config (generation stops at it).
     m.eos_token_id = placeholder(int)
     # Attention dropout probability (None: the config's, 0.0 for Llama, which pretrains without dropout).
     m.dropout = placeholder(float)
