@@ -141,3 +141,13 @@ def test_presets_build_the_shapes_they_name(preset, params):
         assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
                 config.intermediate_size, config.tie_word_embeddings) == (2048, 16, 32, 8, 8192, True)
         assert config.rope_parameters["rope_type"] == "llama3" and config.rope_parameters["rope_theta"] == 500000.0
+
+
+def test_unsupported_model_field_on_the_command_line_is_one_line(token_glob, tmp_path):  # noqa: F811
+    o = llama_overrides(token_glob, str(tmp_path / "ckpt"))
+    bad = '--config.model.rope_parameters={"rope_type": "yarn", "factor": 2.0}'
+    r = python("-m", "jaxpretrain.train", *as_flags(o), bad, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rope_type" in errors[0] and "yarn" in errors[0], r.stderr
+    assert not os.path.exists(tmp_path / "ckpt"), "nothing is written for a run that cannot start"
