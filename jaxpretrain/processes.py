@@ -1,0 +1,154 @@
+"""The processes of a run: joining one (SLURM, environment variables, or alone), what the start-up log
+says about it, and the CPU client's thread pool that multi-device CPU processes need.
+
+Joining: under `srun` with more than one task, jax.distributed reads SLURM's variables; otherwise
+`JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` say
+where to meet; without either the run is a single process. A process that dies (SIGKILL, OOM, a lost
+node) stops sending heartbeats to jax.distributed's coordination service; after
+`heartbeat_timeout_s` the service tells every other process, which exits non-zero naming the task
+it lost (see `jaxpretrain.train.loop`), instead of waiting in a collective forever.
+
+The CPU thread pool (why `size_cpu_thread_pool` exists). XLA's PjRt CPU client runs two kinds of
+work on one fixed pool of max(cores, local devices) threads: the per-device launch of each program
+(which may block on the device's limit of in-flight programs) and the programs themselves (a
+cross-process collective blocks its thread until every peer's shard arrives; the client runs one
+collective program at a time). Dispatch enough small cross-process programs back to back
+(`param_l2_norm` per parameter, an eval loop, a restore) and the limit fills: one launch thread per
+local device blocks on it while the oldest collective still needs one thread per local device to
+run. With 2 devices on 2 cores the pool has 2 threads: one shard of the collective runs, the other
+thread waits on the limit, the collective's second shard never gets a thread, and every process
+waits forever (seen here in about one start of three, every start under load; gdb shows one thread
+in `gloo::allreduce`, one in `xla::Semaphore::Acquire`). A pool of at least 2 threads per local
+device cannot starve that way; we give it 4 (room for a second dispatching thread, e.g. Orbax's).
+The pool size is read once, from `PJRT_NPROC`, when the CPU client is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import jax
+
+from jaxpretrain.errors import UserError
+
+ENV_NAMES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+THREADS_PER_CPU_DEVICE = 4  # >= 2 (a running shard + a blocked launch per device); see the docstring
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """How this process joined its run, for the start-up log."""
+
+    mode: str  # "single", "env" (JAX_* variables) or "slurm"
+    coordinator: str | None = None
+    slurm_job: str | None = None  # job id (and step) under SLURM
+
+
+_launch = Launch("single")
+
+
+def initialize_distributed(heartbeat_timeout_s: int | None = None) -> bool:
+    """Join a multi-process run if this process was started as part of one; returns whether it did.
+
+    Call it before anything touches a jax device (the CPU pool size and the collectives are fixed
+    when the backend starts). `heartbeat_timeout_s`: seconds without a heartbeat before a process
+    counts as dead (None: jax's default, 100).
+    """
+    global _launch
+    if jax.distributed.is_initialized():
+        return True
+    size_cpu_thread_pool()
+    env = os.environ
+    explicit = [k for k in ENV_NAMES if env.get(k)]
+    # srun (not sbatch) sets SLURM_STEP_NUM_TASKS: a batch script's own single process, which sees
+    # the allocation's SLURM_NTASKS, must not wait for peers that will never come.
+    in_srun = int(env.get("SLURM_STEP_NUM_TASKS") or 1) > 1 and "SLURM_PROCID" in env
+    if not explicit and not in_srun:
+        return False
+    if explicit and len(explicit) < 3:
+        missing = [k for k in ENV_NAMES if k not in explicit]
+        raise UserError(f"environment: {', '.join(explicit)} set but {', '.join(missing)} missing")
+    # CPU devices of different processes only talk through gloo (it is unused on GPU runs).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kw = {} if heartbeat_timeout_s is None else {"heartbeat_timeout_seconds": int(heartbeat_timeout_s)}
+    if explicit:
+        try:
+            num, pid = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+        except ValueError:
+            raise UserError("environment: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers") from None
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], num_processes=num, process_id=pid, **kw)
+        mode = "env"
+    else:
+        jax.distributed.initialize(**kw)
+        mode = "slurm"
+    from jax._src import distributed
+
+    job = None
+    if mode == "slurm":
+        job = env.get("SLURM_JOB_ID", "?") + (f" step {env['SLURM_STEP_ID']}" if env.get("SLURM_STEP_ID") else "")
+    _launch = Launch(mode, distributed.global_state.coordinator_address, job)
+    return True
+
+
+def launch() -> Launch:
+    return _launch
+
+
+def startup_line() -> str:
+    """One line: how the run was launched, this process, its devices, the coordinator."""
+    l = _launch
+    mode = {"single": "single process", "env": "JAX_* environment variables", "slurm": f"SLURM job {l.slurm_job}"}[l.mode]
+    local = jax.local_devices()
+    parts = [
+        f"launch: {mode}",
+        f"process {jax.process_index()} of {jax.process_count()}",
+        f"local devices {len(local)} ({local[0].device_kind})",
+        f"global devices {jax.device_count()}",
+    ]
+    if l.coordinator:
+        parts.append(f"coordinator {l.coordinator}")
+    return "Processes: " + " | ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# The CPU client's thread pool
+# ------------------------------------------------------------------------------------------------
+
+
+def cpu_local_device_count() -> int:
+    """CPU devices this process will have (`jax_num_cpu_devices` or XLA's forced count; default 1)."""
+    n = int(jax.config.jax_num_cpu_devices)
+    if n > 0:
+        return n
+    found = re.findall(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    return int(found[-1]) if found else 1
+
+
+def default_pool_size() -> int:
+    """What XLA sizes its CPU pool by when nothing says otherwise: PJRT_NPROC, NPROC, else the cores."""
+    for name in ("PJRT_NPROC", "NPROC"):
+        value = os.environ.get(name, "")
+        if value.strip().isdigit():
+            return int(value)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def size_cpu_thread_pool() -> int | None:
+    """Raise the CPU client's pool to THREADS_PER_CPU_DEVICE x local CPU devices when it would be
+    smaller (see the module docstring); returns the size set, or None when nothing changed. Must run
+    before the backend starts. A one-device process, or a machine with enough cores, is left alone."""
+    n = cpu_local_device_count()
+    need = THREADS_PER_CPU_DEVICE * n
+    if n < 2 or default_pool_size() >= need:
+        return None
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError("size_cpu_thread_pool: the XLA backend has already started; call it before any device use")
+    os.environ["PJRT_NPROC"] = str(need)  # read by XLA's DefaultThreadPoolSize() when the client is made
+    return need
