@@ -25,9 +25,11 @@ The pool size is read once, from `PJRT_NPROC`, when the CPU client is created.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
+import sys
 
 import jax
 
@@ -79,17 +81,55 @@ def initialize_distributed(heartbeat_timeout_s: int | None = None) -> bool:
         except ValueError:
             raise UserError("environment: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers") from None
         jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], num_processes=num, process_id=pid, **kw)
-        mode = "env"
+        mode, job = "env", None
     else:
-        jax.distributed.initialize(**kw)
+        from jax._src.clusters.slurm_cluster import SlurmCluster
+
+        # jax's own SLURM detection, except for the GPUs each task drives (slurm_local_device_ids).
+        coordinator = SlurmCluster.get_coordinator_address(None, env.get("JAX_COORDINATOR_PORT"))
+        jax.distributed.initialize(
+            coordinator, num_processes=int(env["SLURM_STEP_NUM_TASKS"]), process_id=int(env["SLURM_PROCID"]),
+            local_device_ids=slurm_local_device_ids(env), cluster_detection_method="deactivate", **kw,
+        )
         mode = "slurm"
+        job = env.get("SLURM_JOB_ID", "?") + (f" step {env['SLURM_STEP_ID']}" if env.get("SLURM_STEP_ID") else "")
     from jax._src import distributed
 
-    job = None
-    if mode == "slurm":
-        job = env.get("SLURM_JOB_ID", "?") + (f" step {env['SLURM_STEP_ID']}" if env.get("SLURM_STEP_ID") else "")
     _launch = Launch(mode, distributed.global_state.coordinator_address, job)
     return True
+
+
+def slurm_local_device_ids(env=os.environ) -> list[int] | None:
+    """The GPUs (CUDA ordinals as this task sees them) this SLURM task drives; None: all it sees.
+
+    jax's SLURM detection always takes GPU number SLURM_LOCALID alone, which is right only for one
+    task per GPU without binding. Here: one task on its node -> every GPU it sees; SLURM bound a
+    subset to each task (--gpus-per-task, --gpu-bind: fewer visible GPUs than tasks on the node, or
+    one) -> every GPU it sees; T tasks sharing the node's V GPUs -> block SLURM_LOCALID of V / T.
+    """
+    tasks = _tasks_on_this_node(env)
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    local = int(env.get("SLURM_LOCALID", 0))
+    if tasks <= 1:
+        return None
+    if not visible:
+        return [local]  # several tasks, GPUs not listed: jax's rule (one GPU each, by local id)
+    if len(visible) < tasks or len(visible) % tasks:
+        return None
+    per_task = len(visible) // tasks
+    return list(range(local * per_task, (local + 1) * per_task))
+
+
+def _tasks_on_this_node(env) -> int:
+    """Tasks of this job step on this node, from SLURM_STEP_TASKS_PER_NODE ("2(x3),1": 2, 2, 2, 1)."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+    counts = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m:
+            counts += [int(m.group(1))] * int(m.group(2) or 1)
+    node = int(env.get("SLURM_NODEID", 0))
+    return counts[node] if node < len(counts) else (counts[-1] if counts else 1)
 
 
 def launch() -> Launch:
@@ -110,6 +150,46 @@ def startup_line() -> str:
     if l.coordinator:
         parts.append(f"coordinator {l.coordinator}")
     return "Processes: " + " | ".join(parts)
+
+
+def barrier(name: str, timeout_s: float = 600) -> None:
+    """Wait until every process of the run reaches `name` (the coordination service's barrier, not a
+    device collective); nothing to do for a single process."""
+    if jax.process_count() > 1:
+        from jax._src import distributed
+
+        distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
+# What a collective or a coordination-service call reports when a peer process is gone.
+PEER_LOSS = re.compile(
+    r"Gloo|Connection (closed|reset) by peer|coordination service|stopped sending heartbeats|NCCL|"
+    r"Socket closed|failed to connect to all addresses|DEADLINE_EXCEEDED: Barrier",
+    re.IGNORECASE,
+)
+
+
+@contextlib.contextmanager
+def peer_loss_exits(status: int = 1):
+    """In a multi-process run, an error that says a peer process is gone (SIGKILL, OOM, a lost node)
+    ends this process at once with one line naming what it saw, instead of a traceback and then a
+    wait in jax.distributed's shutdown barrier for a peer that will never come. When the peer's
+    collective or RPC does not fail first, the coordination service ends this process itself after
+    `heartbeat_timeout_s` (XLA's "Terminating process because the JAX distributed service detected
+    fatal errors ... stopped sending heartbeats", status 134)."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() < 2 or not PEER_LOSS.search(str(e)):
+            raise
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        print(
+            f"error: process {jax.process_index()} of {jax.process_count()}: lost contact with another process of the run "
+            f"(killed, out of memory, or its node lost): {first}",
+            file=sys.stderr, flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(status)  # not sys.exit: atexit's jax.distributed.shutdown() would wait for the dead peer
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,8 @@ import numpy as np
 import pytest
 
 from test_train import ROOT, STEP_LINE, as_flags, python, tiny_overrides, token_glob  # noqa: F401
+
+EXIT_STOPPED = 75  # the train CLI's status after SIGTERM and a saved checkpoint (train/preemption.py)
 
 STEPS = 8
 GLOBAL, SHARE = 8, 4  # global batch; rows of it each of the 2 processes reads
@@ -73,32 +76,33 @@ def free_port() -> int:
 
 
 class Processes:
-    """The processes of one run, started together, output to `<workdir>/process_{i}.log`; `n == 2`: a
-    two-process run joined through a coordinator on a free port, else one plain `python -m` process.
+    """The processes of one run, started together, output to `<workdir>/process_{i}.log`; `n > 1`: a
+    run of n processes joined through a coordinator on a free port, else one plain `python -m`
+    process; `devices`: CPU devices per process; `argv`: instead of the (recording) train CLI.
 
     Always used as a context manager: whatever happens in the test, no child outlives it.
     """
 
-    def __init__(self, flags: list[str], workdir: str, n: int = 2):
+    def __init__(self, flags: list[str], workdir: str, n: int = 2, devices: int = 1, argv: list[str] | None = None,
+                 timeout: float = TIMEOUT):
         self.workdir, self.reads_dir = workdir, os.path.join(workdir, "reads")
         os.makedirs(self.reads_dir, exist_ok=True)
         port = free_port()
         self.procs, self._files = [], []
-        self._deadline = time.monotonic() + TIMEOUT
+        self.timeout = timeout
+        self._deadline = time.monotonic() + timeout
         for pid in range(n):
-            env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+            env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
             for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
                 env.pop(k, None)
             if n > 1:
                 env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(pid))
-                argv = ["-c", RECORDING_TRAIN]
-            else:
-                argv = ["-m", "jaxpretrain.train"]
             env["READS_DIR"] = self.reads_dir
             f = open(self.log_path(pid), "w")
             self._files.append(f)
+            cmd = argv or (["-c", RECORDING_TRAIN] if n > 1 else ["-m", "jaxpretrain.train"])
             self.procs.append(subprocess.Popen(
-                [sys.executable, *argv, *flags], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                [sys.executable, *cmd, *flags], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
             ))
 
     def log_path(self, pid: int) -> str:
@@ -115,16 +119,16 @@ class Processes:
                 pytest.fail(f"no line matching {pattern.pattern!r}:\n" + self.output(0)[-3000:] + self.output(1)[-3000:])
             time.sleep(0.05)
 
-    def wait(self) -> list[str]:
-        """Every exit code must be 0; returns the outputs."""
+    def wait(self, expect: int = 0) -> list[str]:
+        """Every exit code must be `expect`; returns the outputs."""
         for p in self.procs:
             try:
                 p.wait(timeout=max(1.0, self._deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                pytest.fail(f"{self.workdir}: still running after {TIMEOUT} s:\n" + self.output(0)[-3000:])
+                pytest.fail(f"{self.workdir}: still running after {self.timeout:.0f} s:\n" + self.output(0)[-3000:])
         outs = [self.output(pid) for pid in range(len(self.procs))]
         for pid, p in enumerate(self.procs):
-            assert p.returncode == 0, f"{self.workdir}: process {pid} exited {p.returncode}:\n" + outs[pid][-4000:]
+            assert p.returncode == expect, f"{self.workdir}: process {pid} exited {p.returncode}:\n" + outs[pid][-4000:]
         return outs
 
     def reads(self, pid: int, n_train: int) -> list[list[int]]:
@@ -190,7 +194,7 @@ def runs(token_glob, tmp_path_factory) -> Runs:
         first.wait_for(re.compile(r"\| step 2 \| epoch"))
         for p in first.procs:  # as SLURM does: every task of the job step gets the signal
             p.send_signal(signal.SIGTERM)
-        outs["preempted"] = first.wait()
+        outs["preempted"] = first.wait(expect=EXIT_STOPPED)
         outs["resumed"] = start("resumed", ckpt["preempted"]).wait()
         for name in ("one_device", "uninterrupted"):
             outs[name] = procs[name].wait()
@@ -274,3 +278,21 @@ def test_export_of_a_two_process_checkpoint(runs, tmp_path):
     assert sorted(got) == sorted(want) and len(want) > 10
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_one_process_checkpoint_resumes_in_two_processes(runs, token_glob, tmp_path):
+    """The one-device run's step-6 checkpoint (one loader position, `process_0-of-1.json`) resumed by
+    two processes: each takes that position and reads its own rows of batches 6 and 7, and steps 7-8
+    give the one-device run's losses."""
+    ckpt = str(tmp_path / "ckpt")
+    src = runs.one_device
+    shutil.copytree(src, ckpt, ignore=lambda d, names: [n for n in names if d == src and n in ("logs", str(STEPS))])
+    with Processes(as_flags(overrides(token_glob, ckpt)), str(tmp_path / "run")) as p:
+        out0, _ = p.wait()
+        n = n_train_samples(out0)
+        for pid in range(2):
+            assert sorted(p.reads(pid, n)) == batch_rows(pid, range(6, STEPS)), pid
+    assert f"Resumed from {ckpt}/6 at step 6" in out0
+    got, want = losses_of(ckpt, "train"), losses_of(runs.one_device, "train")
+    assert sorted(got) == [7, 8]
+    np.testing.assert_allclose([got[s] for s in (7, 8)], [want[s] for s in (7, 8)], rtol=2e-5)
