@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import signal
 import sys
 
 import jax
@@ -159,6 +160,36 @@ def barrier(name: str, timeout_s: float = 600) -> None:
         from jax._src import distributed
 
         distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
+@contextlib.contextmanager
+def first_process_first(name: str, timeout_s: float = 3600):
+    """Process 0 runs the block before every other process does (they wait at a barrier): what it
+    writes to a shared filesystem (the index cache) the others then find and read instead of building
+    it again. Where the directory is node-local, each node's first reader builds its own copy. When
+    the block fails in process 0, the others are let through all the same (and meet the same error)."""
+    first = jax.process_index() == 0
+    if jax.process_count() > 1 and not first:
+        barrier(name, timeout_s)
+    try:
+        yield
+    finally:
+        if jax.process_count() > 1 and first:
+            barrier(name, timeout_s)
+
+
+def leave_run() -> None:
+    """Leave a multi-process run together, then let nothing stop the exit.
+
+    jax.distributed.shutdown() waits for every process (so none leaves while process 0 still commits
+    the last checkpoint), after which the processes exit within moments of each other. Under
+    `srun --kill-on-bad-exit`, the first one out with a non-zero status (75 after SIGTERM) makes
+    SLURM send SIGTERM to the rest, and jax's shutdown has put back SIGTERM's default action, which
+    would turn their 75 into "killed by a signal" (143). So SIGTERM is ignored from here on.
+    """
+    if jax.process_count() > 1 and jax.distributed.is_initialized():
+        jax.distributed.shutdown()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # What a collective or a coordination-service call reports when a peer process is gone.

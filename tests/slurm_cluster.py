@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 MUNGE_SOCKET_DIR = "/run/munge"
@@ -63,6 +64,7 @@ class SlurmCluster:
             if k != "SLURM_CONF":
                 del self.env[k]
         self._procs: dict[str, subprocess.Popen] = {}
+        self._munge_root: str | None = None  # munged's log/seed dir, when this cluster started munged
 
     # ------------------------------------------------------------------------------------------------
 
@@ -88,6 +90,9 @@ class SlurmCluster:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+        if self._munge_root:
+            shutil.rmtree(self._munge_root, ignore_errors=True)
+            self._munge_root = None
 
     def __enter__(self):
         return self.start()
@@ -135,7 +140,10 @@ class SlurmCluster:
         os.makedirs(MUNGE_SOCKET_DIR, exist_ok=True)
         os.chown(MUNGE_SOCKET_DIR, munge.pw_uid, munge.pw_gid)
         os.chmod(MUNGE_SOCKET_DIR, 0o755)
-        log_dir = os.path.join(self.root, "munge")  # munged insists on a log dir its user owns
+        # munged insists on a log dir its user owns, on a path it can walk (pytest's tmp dirs are 0700).
+        self._munge_root = tempfile.mkdtemp(prefix="jaxpretrain-munge-")
+        os.chmod(self._munge_root, 0o755)
+        log_dir = os.path.join(self._munge_root, "munge")
         os.makedirs(log_dir, exist_ok=True)
         os.chown(log_dir, munge.pw_uid, munge.pw_gid)
         os.chmod(log_dir, 0o700)

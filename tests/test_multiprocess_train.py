@@ -55,6 +55,17 @@ RECORDING_TRAIN = textwrap.dedent(
 
     init = loader._ReadLocalBatch.__init__
     loader._ReadLocalBatch.__init__ = lambda self, dataset, *a, **k: init(self, Recorded(dataset), *a, **k)
+
+    # And every index-cache build (a cache miss): which indices this process built itself.
+    from jaxpretrain.data import gpt_dataset
+    cached = gpt_dataset.cached_arrays
+    def recording_cached(cache_dir, base, names, description, build):
+        def recorded_build():
+            with lock, open(path.replace(".jsonl", ".builds.jsonl"), "a") as f:
+                f.write(json.dumps({"base": base}) + "\n")
+            return build()
+        return cached(cache_dir, base, names, description, recorded_build)
+    gpt_dataset.cached_arrays = recording_cached
     runpy.run_module("jaxpretrain.train", run_name="__main__", alter_sys=True)
     """
 )
@@ -131,6 +142,14 @@ class Processes:
             assert p.returncode == expect, f"{self.workdir}: process {pid} exited {p.returncode}:\n" + outs[pid][-4000:]
         return outs
 
+    def builds(self, pid: int) -> list[str]:
+        """The index caches process `pid` built itself (cache misses), in order."""
+        path = os.path.join(self.reads_dir, f"process_{pid}.builds.jsonl")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [json.loads(line)["base"] for line in f]
+
     def reads(self, pid: int, n_train: int) -> list[list[int]]:
         """The train-dataset reads of process `pid`, in order (each: one local batch's sample indices)."""
         with open(os.path.join(self.reads_dir, f"process_{pid}.jsonl")) as f:
@@ -204,6 +223,8 @@ def runs(token_glob, tmp_path_factory) -> Runs:
 def test_two_processes_train_like_one_device(runs):
     out0, out1 = runs.outs["uninterrupted"]
     assert "World size: 2 processes, 2 devices (cpu)" in out0
+    assert re.search(r"Processes: launch: JAX_\* environment variables \| process 0 of 2 \| local devices 1 \(cpu\) \| "
+                     r"global devices 2 \| coordinator 127\.0\.0\.1:\d+", out0), out0[:3000]
     assert "Batches: global 8 = local 2 x dp 2 x grad_accum 2" in out0
     assert "Batches: global 8 = local 4 x dp 1 x grad_accum 2" in runs.outs["one_device"][0]
     assert [int(m.group(1)) for m in map(STEP_LINE.search, out0.splitlines()) if m] == list(range(1, STEPS + 1))
@@ -213,6 +234,12 @@ def test_two_processes_train_like_one_device(runs):
         one, two = losses_of(runs.one_device, kind), losses_of(runs.uninterrupted, kind)
         assert sorted(one) == sorted(two) == steps, kind
         np.testing.assert_allclose([two[s] for s in steps], [one[s] for s in steps], rtol=2e-5, err_msg=kind)
+
+    # Process 0 built the index cache (train and validation GPTDataset and blend indices); process 1,
+    # let in after it, found every file and built none.
+    built = runs.procs["uninterrupted"].builds(0)
+    assert any("GPTDataset-train" in b for b in built) and any("GPTDataset-valid" in b for b in built), built
+    assert runs.procs["uninterrupted"].builds(1) == []
 
     # Process p read rows [4p, 4p + 4) of every global batch, each batch once, and no other rows.
     n = n_train_samples(out0)

@@ -94,6 +94,7 @@ def test_train_logs_the_seed_lines_and_loss_falls(baseline_run):
     assert [int(m.group(1)) for m in vals] == [4, 6, 8, 12]
     assert all(int(m.group(4)) == VAL_SAMPLES * SEQ for m in vals)
     assert "Trainable parameters:" in out and "Param L2 norm:" in out
+    assert "Processes: launch: single process | process 0 of 1 | local devices 1 (cpu) | global devices 1" in out
 
 
 def test_export_scores_validation_at_the_logged_loss(baseline_run, token_glob, tmp_path):

@@ -45,9 +45,7 @@ def run(cfg, loaded=None) -> int:
         trainer.write_config(loaded)
         report.log_experiment(r, float(M.param_l2_norm(r.state["params"])), trainer.run_dir)
         code = trainer.train()
-        # Leave together: under `srun --kill-on-bad-exit`, the first process out with a non-zero
-        # status (EXIT_STOPPED) would end peers still committing the checkpoint.
-        processes.barrier("jaxpretrain/exit")
+        processes.leave_run()  # together, and immune to srun's SIGTERM to the stragglers (see there)
     return code
 
 
