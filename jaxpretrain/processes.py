@@ -1,26 +1,30 @@
-"""The processes of a run: joining one (SLURM, environment variables, or alone), what the start-up log
-says about it, and the CPU client's thread pool that multi-device CPU processes need.
+"""The processes of a run: joining one (SLURM, JAX_* variables, or alone), the start-up line that says
+how, leaving it together, what happens when a peer is lost, and the CPU client's thread pool.
 
-Joining: under `srun` with more than one task, jax.distributed reads SLURM's variables; otherwise
-`JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` say
-where to meet; without either the run is a single process. A process that dies (SIGKILL, OOM, a lost
-node) stops sending heartbeats to jax.distributed's coordination service; after
-`heartbeat_timeout_s` the service tells every other process, which exits non-zero naming the task
-it lost (see `jaxpretrain.train.loop`), instead of waiting in a collective forever.
+Joining: under `srun` with more than one task, SLURM's variables say where to meet (GPUs per task:
+`slurm_local_device_ids`); otherwise `JAX_COORDINATOR_ADDRESS` (host:port of process 0),
+`JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`; without either the run is a single process.
 
-The CPU thread pool (why `size_cpu_thread_pool` exists). XLA's PjRt CPU client runs two kinds of
-work on one fixed pool of max(cores, local devices) threads: the per-device launch of each program
-(which may block on the device's limit of in-flight programs) and the programs themselves (a
-cross-process collective blocks its thread until every peer's shard arrives; the client runs one
-collective program at a time). Dispatch enough small cross-process programs back to back
-(`param_l2_norm` per parameter, an eval loop, a restore) and the limit fills: one launch thread per
-local device blocks on it while the oldest collective still needs one thread per local device to
-run. With 2 devices on 2 cores the pool has 2 threads: one shard of the collective runs, the other
-thread waits on the limit, the collective's second shard never gets a thread, and every process
-waits forever (seen here in about one start of three, every start under load; gdb shows one thread
-in `gloo::allreduce`, one in `xla::Semaphore::Acquire`). A pool of at least 2 threads per local
-device cannot starve that way; we give it 4 (room for a second dispatching thread, e.g. Orbax's).
-The pool size is read once, from `PJRT_NPROC`, when the CPU client is created.
+A lost peer (SIGKILL, OOM, a node gone): its sockets close, so the next collective or coordination
+call of every other process fails, and `exit_at_once_on_error` turns that into one line and exit 1. A peer
+that is frozen or unreachable sends no heartbeats: after `heartbeat_timeout_s` jax.distributed's
+coordination service ends every other process itself (XLA's "Terminating process because the JAX
+distributed service detected fatal errors ... stopped sending heartbeats", status 134).
+
+The CPU thread pool (`size_cpu_thread_pool`). XLA's PjRt CPU client runs two kinds of work on one
+pool of max(cores, local devices) threads: the per-device launch of each program, which blocks when
+the device already has its limit of programs in flight (32), and the programs themselves, of which
+a cross-process collective holds its thread until every peer's shard has arrived (the client runs
+one collective program at a time, in dispatch order). Dispatch enough small cross-process programs
+back to back (`param_l2_norm`, one reduction per parameter; an eval loop; a restore;
+`process_allgather` per tensor) and the limit fills: launch threads block on it while the oldest
+collective still needs a thread for each local device's shard. With 2 devices on 2 cores the pool
+has 2 threads: one runs a shard of the collective, the other waits on the limit, the second shard
+never gets a thread, and every process waits forever (gdb: one pool thread in `gloo::allreduce`, one
+in `xla::Semaphore::Acquire`; SIGTERM's Python handler never runs, as the main thread is inside
+Execute). Each local device needs a thread for its shard and one for a blocked launch; 4 per device
+leave room for a second dispatching thread. The size is read once, from `PJRT_NPROC`, when the CPU
+client is created. GPU clients run collectives on device streams, not on host threads: unaffected.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import os
 import re
 import signal
 import sys
+import traceback
 
 import jax
 
@@ -201,26 +206,33 @@ PEER_LOSS = re.compile(
 
 
 @contextlib.contextmanager
-def peer_loss_exits(status: int = 1):
-    """In a multi-process run, an error that says a peer process is gone (SIGKILL, OOM, a lost node)
-    ends this process at once with one line naming what it saw, instead of a traceback and then a
-    wait in jax.distributed's shutdown barrier for a peer that will never come. When the peer's
-    collective or RPC does not fail first, the coordination service ends this process itself after
-    `heartbeat_timeout_s` (XLA's "Terminating process because the JAX distributed service detected
-    fatal errors ... stopped sending heartbeats", status 134)."""
+def exit_at_once_on_error():
+    """In a multi-process run, an error ends this process at once, so its peers notice (their next
+    collective fails) instead of waiting: a normal exit would first sit in jax.distributed's shutdown
+    barrier, for up to 5 minutes, waiting for peers that are themselves waiting on this process.
+
+    An error that says a peer is gone (SIGKILL, OOM, a lost node) becomes one line naming what it
+    saw, status 1; a UserError its usual `error:` line, status 2; anything else its traceback,
+    status 1. A frozen or unreachable peer, whose sockets stay open, is caught by the coordination
+    service after `heartbeat_timeout_s` instead (status 134, see the module docstring).
+    """
     try:
         yield
-    except jax.errors.JaxRuntimeError as e:
-        if jax.process_count() < 2 or not PEER_LOSS.search(str(e)):
+    except Exception as e:
+        if jax.process_count() < 2:
             raise
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        print(
-            f"error: process {jax.process_index()} of {jax.process_count()}: lost contact with another process of the run "
-            f"(killed, out of memory, or its node lost): {first}",
-            file=sys.stderr, flush=True,
-        )
+        me = f"process {jax.process_index()} of {jax.process_count()}"
+        if isinstance(e, UserError):
+            message, status = f"error: {e}", 2
+        elif isinstance(e, jax.errors.JaxRuntimeError) and PEER_LOSS.search(str(e)):
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            message, status = f"error: {me}: lost contact with another process of the run (killed, out of memory, or its node lost): {first}", 1
+        else:
+            traceback.print_exc()
+            message, status = f"error: {me} failed ({type(e).__name__}); exiting so that its peers stop too", 1
         sys.stdout.flush()
-        os._exit(status)  # not sys.exit: atexit's jax.distributed.shutdown() would wait for the dead peer
+        print(message, file=sys.stderr, flush=True)
+        os._exit(status)  # not sys.exit: see above
 
 
 # ------------------------------------------------------------------------------------------------

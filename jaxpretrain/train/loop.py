@@ -39,7 +39,7 @@ def run(cfg, loaded=None) -> int:
     stop = StopSignal()  # SIGTERM from here on saves and exits (jax.distributed's handler is replaced)
     report.setup_logging()
     log.info(processes.startup_line())
-    with processes.peer_loss_exits():
+    with processes.exit_at_once_on_error():
         r = setup(cfg, source=loaded.source if loaded is not None else None)
         trainer = Trainer(r, stop)
         trainer.write_config(loaded)
