@@ -15,7 +15,7 @@ from jaxpretrain.errors import UserError
 
 SECTION_ORDER = (
     "model", "dataset", "validation_dataset", "step_scheduler", "rng", "checkpoint", "distributed",
-    "loss_fn", "optimizer", "lr_scheduler", "wandb", "logging",
+    "loss_fn", "optimizer", "lr_scheduler", "eval", "wandb", "logging",
 )
 
 

@@ -18,6 +18,10 @@ FINEWEB_MAPPING_DIR = "fineweb_edu/megatron_gpt2/mapping_dir"
 DEFAULT_PREFIXES = "data/stdlib_gpt2/processed_data_*_text_document*"
 DEFAULT_MAPPING_DIR = "data/stdlib_gpt2/mapping_dir"
 
+# Fields of a `model` section that are ours; every other field of it overrides the HF config
+# (GPT-2's n_layer, Llama's hidden_size, ...) and is passed to the family's config_from.
+MODEL_OPTIONS = ("pretrained_model_name_or_path", "dtype", "attention_impl", "vocab_multiple", "remat", "load_weights", "dropout")
+
 # Validation fields that, left unset (None), take the train section's value: the seed's two sections
 # name the same files, and validating on other files or another sequence length is never what an
 # override of the train section alone means.
@@ -161,6 +165,17 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     w.name = placeholder(str)
     # Directory for W&B's local files; None: W&B's default.
     w.save_dir = placeholder(str)
+
+    c.eval = ml_collections.ConfigDict()
+    e = c.eval
+    # HellaSwag validation jsonl (ctx, endings, label) scored during training; None: no HellaSwag.
+    e.hellaswag_path = placeholder(str)
+    # Score HellaSwag every this many steps (and at the last step); None: every val_every_steps.
+    e.eval_every_steps = placeholder(int)
+    # Score only the first this many items (None: all 10,042 of the validation set).
+    e.hellaswag_limit = placeholder(int)
+    # Rows per HellaSwag batch over all devices (4 rows per item; a multiple of the data-parallel size).
+    e.batch_size = 32
 
     c.logging = ml_collections.ConfigDict()
     # Run directory for the effective config, metrics JSONL and TensorBoard; None: <checkpoint_dir>/logs.

@@ -8,6 +8,7 @@ This is the one place that wires the data path, the model, the mesh and the opti
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from flax import nnx
 
 import jaxpretrain.model as M
 from jaxpretrain import parallel, processes
+from jaxpretrain.errors import UserError
 from jaxpretrain.train import metrics as metrics_lib
 from jaxpretrain.train import report
 from jaxpretrain.train.preemption import EXIT_STOPPED, StopSignal
@@ -65,6 +67,7 @@ class Trainer:
         self.last_time = self.start_time = time.perf_counter()
         self.last_train: tuple[int, float] | None = None  # (step, loss) of the newest step reported
         self.last_val: tuple[int, float] | None = None
+        self.hellaswag = self._prepare_hellaswag()
 
     def write_config(self, loaded) -> None:
         """`<run_dir>/config.yaml`: every field of this run, which `--config` takes back (process 0)."""
@@ -94,6 +97,32 @@ class Trainer:
         self.sinks.log("validation", step, {"val_loss": loss, "num_label_tokens": count})
         self.last_val = (step, loss)
         return loss
+
+    # -- HellaSwag
+
+    def _prepare_hellaswag(self):
+        """(prepared rows, jitted forward) for eval.hellaswag_path, or None: tokenized once, compiled once."""
+        r = self.r
+        if not r.hellaswag_items:
+            return None
+        from jaxpretrain.evaluation import hellaswag
+        from jaxpretrain.tokenizer import load_tokenizer
+
+        if r.cfg.eval.batch_size % r.plan.dp_size:
+            raise UserError(f"eval.batch_size: {r.cfg.eval.batch_size} is not a multiple of the data-parallel size {r.plan.dp_size}")
+        c = r.training.hf_config
+        prepared = hellaswag.prepare(r.hellaswag_items, load_tokenizer(r.cfg.dataset.tokenizer), max_len=M.family_of(c).max_positions(c))
+        return prepared, hellaswag.make_forward(r.training.graphdef, mesh=r.mesh)
+
+    def evaluate_hellaswag(self, step: int) -> None:
+        from jaxpretrain.evaluation import hellaswag
+
+        prepared, forward = self.hellaswag
+        # The states are passed afresh each time: the train step donates (invalidates) the old ones.
+        logits_fn = functools.partial(forward, (self.state["params"], self.r.training.rest))
+        result = hellaswag.evaluate(logits_fn, prepared, int(self.r.cfg.eval.batch_size), sharding=parallel.batch_sharding(self.r.mesh))
+        log.info("[eval] step %d | hellaswag acc_norm %.4f | acc %.4f | items %d", step, result.acc_norm, result.acc, result.items)
+        self.sinks.log("eval", step, {"hellaswag_acc_norm": result.acc_norm, "hellaswag_acc": result.acc, "items": result.items})
 
     # -- checkpoints
 
@@ -169,6 +198,7 @@ class Trainer:
         if r.start_step >= total:
             log.info("Nothing to do: the checkpoint is at step %d of %d", r.start_step, total)
         pending, step, stopping = None, r.start_step, False
+        eval_every = int(r.cfg.eval.eval_every_steps or ss.val_every_steps or total)
         for step in range(r.start_step + 1, total + 1):
             batch = parallel.make_global_batch(next(r.data_iter), r.mesh)
             self.state, device_metrics = r.training.train_step(self.state, batch, jnp.int32(step - 1))
@@ -178,11 +208,14 @@ class Trainer:
             stopping = self.stop.should_stop(step)
             is_val = r.data.validation is not None and step % ss.val_every_steps == 0
             is_ckpt = step % ss.ckpt_every_steps == 0 or step == total or stopping
-            if is_val or is_ckpt:
+            is_eval = self.hellaswag is not None and not stopping and (step % eval_every == 0 or step == total)
+            if is_val or is_ckpt or is_eval:
                 self.report(*pending)
                 pending = None
                 if is_val or (is_ckpt and r.data.validation is not None and not stopping):
                     self.validate(step)
+                if is_eval:
+                    self.evaluate_hellaswag(step)
                 if is_ckpt:
                     self.save(step)
                 self.last_time = time.perf_counter()

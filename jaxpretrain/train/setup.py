@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxpretrain.model as M
 from jaxpretrain import parallel, processes
+from jaxpretrain.config.sections import MODEL_OPTIONS  # ours; every other `model` field overrides the HF config
 from jaxpretrain.data import build_gpt_datasets
 from jaxpretrain.data.loader import Loader, make_loader
 from jaxpretrain.errors import UserError
@@ -93,11 +94,6 @@ def _shard_size(d) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------------ model
-
-# Fields of the `model` section that are ours; every other field is an override of the HF config
-# (GPT-2's n_layer, Llama's hidden_size, ...), passed to the family's config_from.
-MODEL_OPTIONS = ("pretrained_model_name_or_path", "dtype", "attention_impl", "vocab_multiple", "remat", "load_weights", "dropout")
-
 
 def model_config(cfg):
     """The HF config of the model to train: `model.pretrained_model_name_or_path` plus the section's
@@ -244,6 +240,7 @@ class Run:
     checkpointer: TrainCheckpointer | None
     start_step: int  # the last completed step (0: a fresh run)
     config_source: str  # what --config named, for the log
+    hellaswag_items: list | None = None  # eval.hellaswag_path's items, read (and checked) before any data work
 
 
 def setup(cfg, source: str | None = None) -> Run:
@@ -256,6 +253,11 @@ def setup(cfg, source: str | None = None) -> Run:
     build_optimizer(cfg, schedule_lib.from_config(cfg))  # schedule and optimizer mistakes: one line, now
     if cfg.checkpoint.enabled:
         check_resumable(cfg, hf_config)
+    hellaswag_items = None
+    if cfg.eval.hellaswag_path:
+        from jaxpretrain.evaluation import hellaswag
+
+        hellaswag_items = hellaswag.load_items(cfg.eval.hellaswag_path, cfg.eval.hellaswag_limit)
     data = build_data(cfg, plan)
     training = build_training(cfg, mesh, plan, hf_config)
     state, data_iter = training.state, iter(data.loader)
@@ -271,7 +273,7 @@ def setup(cfg, source: str | None = None) -> Run:
             start_step = latest
             log.info("Resumed from %s at step %d", os.path.join(ckpt.directory, str(latest)), latest)
     training.state = None  # the Run's state is the one to use (the initial one may have been donated)
-    return Run(cfg, mesh, plan, data, training, state, data_iter, ckpt, start_step, source or "(a config object)")
+    return Run(cfg, mesh, plan, data, training, state, data_iter, ckpt, start_step, source or "(a config object)", hellaswag_items)
 
 
 def check_resumable(cfg, hf_config) -> None:
