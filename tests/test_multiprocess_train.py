@@ -62,7 +62,7 @@ RECORDING_TRAIN = textwrap.dedent(
     def recording_cached(cache_dir, base, names, description, build):
         def recorded_build():
             with lock, open(path.replace(".jsonl", ".builds.jsonl"), "a") as f:
-                f.write(json.dumps({"base": base}) + "\n")
+                f.write(json.dumps({"base": base}) + "\\n")
             return build()
         return cached(cache_dir, base, names, description, recorded_build)
     gpt_dataset.cached_arrays = recording_cached
