@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from jaxpretrain.data.indexed import IndexedDatasetBuilder
+from jaxpretrain.train.preemption import EXIT_STOPPED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = re.compile(r"\| step (\d+) \| epoch \d+ \| loss (\S+) \| grad_norm (\S+) \|")
@@ -237,7 +238,7 @@ def test_ctrl_c_saves_and_exits_like_sigterm_and_the_rerun_resumes(work, baselin
     run = Run(work, ckpt, **{"step_scheduler.ckpt_every_steps": 100})
     run.wait_for(lambda: 3 in run.steps())
     run.kill(signal.SIGINT)
-    assert run.finish() == 0, run.output[-3000:]
+    assert run.finish() == EXIT_STOPPED, run.output[-3000:]  # as after SIGTERM: stopped, saved, to be resumed
     saved = re.search(r"SIGINT: saved step (\d+), exiting", run.output)
     assert saved, run.output[-3000:]
     assert "press Ctrl-C again to exit at once" in run.output

@@ -122,6 +122,8 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     p.sequence_parallel = False
     # Memory one device may use, GiB, checked against XLA's estimate before step 1; None: the device's own limit.
     p.device_memory_gib = placeholder(float)
+    # Multi-process runs: seconds without a heartbeat before a process counts as dead and the others exit.
+    p.heartbeat_timeout_s = 60
 
     c.loss_fn = ml_collections.ConfigDict()
     # Masked cross-entropy: summed float32 token CE / label tokens of the global batch (-100 ignored).
