@@ -212,10 +212,10 @@ def build_data(cfg, plan: BatchPlan, vocab_size: int | None = None) -> Data:
     from jaxpretrain.config.overrides import plain
 
     with processes.first_process_first("jaxpretrain/index_cache"):
-        return _build_data(cfg, plan, plain)
+        return _build_data(cfg, plan, plain, vocab_size)
 
 
-def _build_data(cfg, plan: BatchPlan, plain) -> Data:
+def _build_data(cfg, plan: BatchPlan, plain, vocab_size: int | None) -> Data:
     ds_cfg, val_cfg = cfg.dataset, cfg.validation_dataset
     train_ds = build_gpt_datasets(
         plain(ds_cfg.paths), seq_length=ds_cfg.seq_length, split=ds_cfg.split, seed=ds_cfg.seed,
