@@ -141,8 +141,10 @@ def test_parquet_input(gpt2_tokenizer, tmp_path, monkeypatch):
     summary = preprocess_files(path, output_prefix=str(tmp_path / "pq" / "p"), append_eod=True, workers=2, unit_bytes=1)
     assert summary.documents == 200 and summary.skipped == {"null text": 1, "empty text": 1}
     _assert_same_pair(str(tmp_path / "pq" / "p_0_text_document"), reference)
-    summary = preprocess_files(path, output_prefix=str(tmp_path / "pq2" / "p"), text_column="body", input_type="parquet")
-    assert summary.documents == 0 and summary.skipped == {"missing key 'body'": 202}
+    # No row has the key: one line that lists the keys seen, and no empty pair left behind.
+    with pytest.raises(UserError, match=r"no row has the key 'body'.*keys seen: 'n', 'text'; nothing was written"):
+        preprocess_files(path, output_prefix=str(tmp_path / "pq2" / "p"), text_column="body", input_type="parquet")
+    assert not (tmp_path / "pq2").exists() or not any((tmp_path / "pq2").iterdir())
 
 
 def test_large_vocabulary_writes_int32(tmp_path):
@@ -160,11 +162,11 @@ def test_large_vocabulary_writes_int32(tmp_path):
     _assert_same_pair(str(tmp_path / "out" / "w_0_text_document"), reference)
 
 
-def test_empty_input_file_gives_empty_pair(tmp_path):
+def test_empty_input_file_is_one_line_and_writes_nothing(tmp_path):
     (tmp_path / "empty.jsonl").write_bytes(b"")
-    summary = preprocess_files(str(tmp_path / "empty.jsonl"), output_prefix=str(tmp_path / "e"))
-    assert summary.documents == 0
-    assert IndexedDataset(str(tmp_path / "e_0_text_document")).num_documents == 0
+    with pytest.raises(UserError, match=r"empty.jsonl: no usable document \(the input is empty\); nothing was written"):
+        preprocess_files(str(tmp_path / "empty.jsonl"), output_prefix=str(tmp_path / "out" / "e"))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_interrupted_run_leaves_no_pair(stdlib_jsonl, tmp_path, monkeypatch):
