@@ -1,0 +1,151 @@
+"""Token cross-entropy from the final hidden states, chunked so float32 logits never exist whole.
+
+The plain loss multiplies the hidden states [B, T, D] by the output embedding [V, D] into float32
+logits [B, T, V]: for GPT-2 124M at a micro-batch of 32 x 1024 that is 6.6 GB, written and read
+again by softmax, its gradient and two matmuls. Here the sequence is cut into chunks of
+`chunk_size` positions and a `lax.scan` handles one chunk at a time with its own VJP:
+
+  forward   logits_c = h_c @ W^T (compute dtype in, float32 accumulation), logsumexp, label logit;
+            only the per-token logsumexp [B, T] is kept for the backward pass.
+  backward  logits_c again, softmax_c = exp(logits_c - lse), dlogits_c = g * (softmax_c - onehot),
+            dh_c = dlogits_c @ W, dW += dlogits_c^T @ h_c (float32).
+
+So the largest live buffer is one chunk's float32 logits [B, chunk, V]. Chunks run along the
+sequence axis, not over flattened tokens, so a batch sharded over devices stays sharded: every
+device works on its own rows of every chunk. Padded vocabulary rows (W's rows from `vocab_size` on)
+are masked out of the softmax and get zero gradient; labels equal to -100 count for nothing.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxpretrain import parallel
+
+IGNORE_INDEX = -100  # labels equal to this contribute no loss and do not count as label tokens
+
+
+def masked_ce_sum_from_logits(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The plain loss: summed float32 token CE over logits [..., V] and the label-token count."""
+    mask = labels != IGNORE_INDEX
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(mask, labels, 0))
+    return jnp.sum(jnp.where(mask, ce, 0.0)), jnp.sum(mask).astype(jnp.int32)
+
+
+def masked_ce_sum(
+    h: jax.Array,
+    w: jax.Array,
+    labels: jax.Array,
+    *,
+    vocab_size: int | None = None,
+    chunk_size: int = 128,
+    compute_dtype=None,
+) -> tuple[jax.Array, jax.Array]:
+    """Summed float32 CE of `softmax(h @ w[:vocab_size].T)` against `labels`, and the label count.
+
+    h: [B, T, D] final hidden states (after the last LayerNorm). w: [V_padded, D] output embedding.
+    labels: int [B, T], -100 ignored. vocab_size: real vocabulary (rows beyond it are padding; None:
+    all rows). chunk_size: sequence positions per chunk (a chunk holds B x chunk_size tokens; T need
+    not divide by it). compute_dtype: dtype of the matmul operands (None: h's dtype); accumulation,
+    softmax and the result are float32. Gradients flow to h and w in their own dtypes.
+    """
+    if h.ndim != 3 or labels.shape != h.shape[:2] or w.ndim != 2 or w.shape[1] != h.shape[2]:
+        raise ValueError(f"masked_ce_sum: shapes h {h.shape}, w {w.shape}, labels {labels.shape} do not fit")
+    vocab_size = w.shape[0] if vocab_size is None else int(vocab_size)
+    if not 0 < vocab_size <= w.shape[0]:
+        raise ValueError(f"masked_ce_sum: vocab_size {vocab_size} is not in 1..{w.shape[0]}")
+    if chunk_size < 1:
+        raise ValueError(f"loss_fn.chunk_size: must be positive, got {chunk_size}")
+    dtype = jnp.dtype(compute_dtype or h.dtype)
+    ce_sum = _chunked_ce(h, w, labels, vocab_size, min(int(chunk_size), h.shape[1]), dtype)
+    return ce_sum, jnp.sum(labels != IGNORE_INDEX).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------------
+# The chunked loss and its VJP
+# ------------------------------------------------------------------------------------------------
+
+
+def _to_chunks(x: jax.Array, chunk: int, fill) -> jax.Array:
+    """[B, T, ...] -> [n_chunks, B, chunk, ...], T padded up to a multiple of `chunk` with `fill`."""
+    b, t = x.shape[:2]
+    n = -(-t // chunk)
+    if n * chunk != t:
+        x = jnp.pad(x, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)
+
+
+def _from_chunks(x: jax.Array, t: int) -> jax.Array:
+    """[n_chunks, B, chunk, ...] -> [B, T, ...] (the padding dropped)."""
+    n, b, chunk = x.shape[:3]
+    return jnp.swapaxes(x, 0, 1).reshape(b, n * chunk, *x.shape[3:])[:, :t]
+
+
+def _chunk_logits(h_c, w, vocab_size):
+    """float32 logits [B, chunk, V_padded] with padded vocabulary columns at -inf."""
+    logits = jnp.einsum("bcd,vd->bcv", h_c, w, preferred_element_type=jnp.float32)
+    logits = parallel.constrain(logits, ("batch", "length", "act_vocab"))
+    if vocab_size < w.shape[0]:
+        logits = jnp.where(jnp.arange(w.shape[0]) < vocab_size, logits, -jnp.inf)
+    return logits
+
+
+def _label_logit(logits, labels_c):
+    safe = jnp.where(labels_c == IGNORE_INDEX, 0, labels_c)
+    return jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+
+
+def _forward(h, w, labels, vocab_size, chunk, dtype):
+    # One all-gather of W (FSDP shards its embed dimension) before the loop, not one per chunk.
+    wc = parallel.constrain(w.astype(dtype), ("act_vocab", None))
+    hs, ls = _to_chunks(h.astype(dtype), chunk, 0), _to_chunks(labels, chunk, IGNORE_INDEX)
+
+    def body(total, xs):
+        h_c, labels_c = xs
+        logits = _chunk_logits(h_c, wc, vocab_size)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        ce = jnp.where(labels_c == IGNORE_INDEX, 0.0, lse - _label_logit(logits, labels_c))
+        return total + jnp.sum(ce), lse
+
+    total, lse = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ls))
+    return total, lse
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunked_ce(h, w, labels, vocab_size, chunk, dtype):
+    return _forward(h, w, labels, vocab_size, chunk, dtype)[0]
+
+
+def _chunked_ce_fwd(h, w, labels, vocab_size, chunk, dtype):
+    total, lse = _forward(h, w, labels, vocab_size, chunk, dtype)
+    return total, (h, w, labels, lse)
+
+
+def _chunked_ce_bwd(vocab_size, chunk, dtype, residuals, g):
+    h, w, labels, lse = residuals
+    t = h.shape[1]
+    wc = parallel.constrain(w.astype(dtype), ("act_vocab", None))
+    hs, ls = _to_chunks(h.astype(dtype), chunk, 0), _to_chunks(labels, chunk, IGNORE_INDEX)
+
+    def body(dw, xs):
+        h_c, labels_c, lse_c = xs
+        logits = _chunk_logits(h_c, wc, vocab_size)
+        keep = labels_c != IGNORE_INDEX
+        probs = jnp.exp(logits - lse_c[..., None])  # padded columns: exp(-inf) = 0
+        onehot = jax.nn.one_hot(jnp.where(keep, labels_c, -1), w.shape[0], dtype=jnp.float32)
+        dlogits = (jnp.where(keep, g, 0.0)[..., None] * (probs - onehot)).astype(dtype)
+        dh_c = jnp.einsum("bcv,vd->bcd", dlogits, wc, preferred_element_type=jnp.float32)
+        dw = dw + jnp.einsum("bcv,bcd->vd", dlogits, h_c, preferred_element_type=jnp.float32)
+        return dw, dh_c.astype(h.dtype)
+
+    dw0 = parallel.constrain(jnp.zeros(w.shape, jnp.float32), ("act_vocab", None))
+    dw, dhs = jax.lax.scan(body, dw0, (hs, ls, lse))
+    # Integer labels take no cotangent (None = zero).
+    return _from_chunks(dhs, t), dw.astype(w.dtype), None
+
+
+_chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
