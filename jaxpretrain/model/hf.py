@@ -1,10 +1,16 @@
-"""Hugging Face GPT-2 checkpoints <-> Flax parameters, through one name table used both ways.
+"""Hugging Face checkpoints <-> Flax parameters for every family, through the family's name table.
 
 Loading never materialises the full model anywhere: shapes come from the config, and each device's
 shard is read straight from the safetensors file(s) (`get_slice`) by `jax.make_array_from_callback`,
 which only asks for the shards this process's devices own. Saving gathers each parameter to the
-host, undoes the two layout changes (fused-qkv reshape, vocabulary padding) and writes config.json
-plus model.safetensors that transformers' `GPT2LMHeadModel.from_pretrained` loads.
+host, undoes the layout changes (fused-qkv reshape, vocabulary padding, transposes) and writes
+config.json plus model.safetensors that transformers' `AutoModelForCausalLM.from_pretrained` loads.
+
+Layouts a name table may use (HF tensor <-> Flax parameter):
+  same:  identical arrays
+  rows:  Flax has extra zero rows at the end (vocab_multiple padding)
+  qkv:   HF [..., 3*embed] is Flax [..., 3, embed] (GPT-2's fused attention)
+  t:     HF nn.Linear weight [out, in] is the Flax kernel [in, out]
 """
 
 from __future__ import annotations
@@ -23,33 +29,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxpretrain.errors import UserError
-from jaxpretrain.model.gpt2 import GPT2LMHeadModel, abstract_model, config_from, default_mesh, state_shardings
+from jaxpretrain.model.build import abstract_model, default_mesh, state_shardings
+from jaxpretrain.model.gpt2 import weights as _gpt2_weights
+from jaxpretrain.model.registry import config_from, family_of
 
-# HF name (under "transformer.") | Flax path ({i}: block index) | layout
-#   same:  identical arrays (HF's Conv1D weights are already [in, out])
-#   rows:  Flax has extra zero rows at the end (vocab_multiple padding)
-#   qkv:   HF [..., 3*embed] is Flax [..., 3, embed]
-NAME_TABLE = (
-    ("wte.weight", "wte.embedding", "rows"),
-    ("wpe.weight", "wpe.embedding", "same"),
-    ("h.{i}.ln_1.weight", "h.{i}.ln_1.scale", "same"),
-    ("h.{i}.ln_1.bias", "h.{i}.ln_1.bias", "same"),
-    ("h.{i}.attn.c_attn.weight", "h.{i}.attn.c_attn.kernel", "qkv"),
-    ("h.{i}.attn.c_attn.bias", "h.{i}.attn.c_attn.bias", "qkv"),
-    ("h.{i}.attn.c_proj.weight", "h.{i}.attn.c_proj.kernel", "same"),
-    ("h.{i}.attn.c_proj.bias", "h.{i}.attn.c_proj.bias", "same"),
-    ("h.{i}.ln_2.weight", "h.{i}.ln_2.scale", "same"),
-    ("h.{i}.ln_2.bias", "h.{i}.ln_2.bias", "same"),
-    ("h.{i}.mlp.c_fc.weight", "h.{i}.mlp.c_fc.kernel", "same"),
-    ("h.{i}.mlp.c_fc.bias", "h.{i}.mlp.c_fc.bias", "same"),
-    ("h.{i}.mlp.c_proj.weight", "h.{i}.mlp.c_proj.kernel", "same"),
-    ("h.{i}.mlp.c_proj.bias", "h.{i}.mlp.c_proj.bias", "same"),
-    ("ln_f.weight", "ln_f.scale", "same"),
-    ("ln_f.bias", "ln_f.bias", "same"),
-)
-HF_PREFIX = "transformer."
-# Buffers and tied weights that some GPT-2 checkpoints carry and loading ignores.
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -61,13 +44,9 @@ TOKENIZER_FILES = (
 
 
 def name_pairs(n_layer: int) -> list[tuple[str, tuple, str]]:
-    """(HF name without prefix, Flax path tuple, layout) for every parameter of an n_layer model."""
-    pairs = []
-    for hf, flax_path, layout in NAME_TABLE:
-        for i in range(n_layer) if "{i}" in hf else [None]:
-            path = tuple(i if p == "{i}" else p for p in flax_path.split("."))
-            pairs.append((hf.format(i=i), path, layout))
-    return pairs
+    """GPT-2's (HF name without "transformer.", Flax path, layout) pairs (kept for GPT-2 callers;
+    any family's full table is `family_of(config).name_table(config)`)."""
+    return _gpt2_weights.expand(_gpt2_weights.NAME_TABLE, n_layer)
 
 
 def hf_shape(layout: str, flax_shape: tuple[int, ...], vocab_size: int) -> tuple[int, ...]:
@@ -76,6 +55,8 @@ def hf_shape(layout: str, flax_shape: tuple[int, ...], vocab_size: int) -> tuple
         return (vocab_size,) + tuple(flax_shape[1:])
     if layout == "qkv":
         return tuple(flax_shape[:-2]) + (flax_shape[-2] * flax_shape[-1],)
+    if layout == "t":
+        return tuple(flax_shape[::-1])
     return tuple(flax_shape)
 
 
@@ -85,6 +66,8 @@ def to_hf(layout: str, array: np.ndarray, vocab_size: int) -> np.ndarray:
         return array[:vocab_size]
     if layout == "qkv":
         return array.reshape(hf_shape(layout, array.shape, vocab_size))
+    if layout == "t":
+        return array.T
     return array
 
 
@@ -94,6 +77,8 @@ def read_shard(layout: str, tensor, flax_shape: tuple[int, ...], index: tuple[sl
     bounds += [(0, n) for n in flax_shape[len(bounds):]]
     if layout == "same":
         return tensor[tuple(slice(a, b) for a, b in bounds)]
+    if layout == "t":
+        return np.asarray(tensor[tuple(slice(a, b) for a, b in bounds[::-1])]).T
     if layout == "rows":
         (r0, r1), rest = bounds[0], [slice(a, b) for a, b in bounds[1:]]
         real = int(tensor.get_shape()[0] if hasattr(tensor, "get_shape") else tensor.shape[0])
@@ -160,8 +145,8 @@ def from_pretrained(
     attention_impl: str | None = None,
     vocab_multiple: int = 1,
     remat: bool | str = False,
-) -> GPT2LMHeadModel:
-    """Load an HF GPT-2 directory (config.json + safetensors), sharded over `mesh` by the rules.
+) -> nnx.Module:
+    """Load an HF directory (config.json + safetensors) of any family, sharded over `mesh` by the rules.
 
     `dtype` is the compute dtype; parameters are stored as `param_dtype` (float32 masters).
     `config` (anything `config_from` takes) replaces the directory's config.json, e.g. to change
@@ -171,8 +156,11 @@ def from_pretrained(
     if not os.path.isdir(path):
         raise UserError(f"{path}: not a directory (expected an HF model directory)")
     config = config_from(path if config is None else config)
+    family = family_of(config)
     files = _SafetensorsFiles(path)
-    prefix = HF_PREFIX if any(n.startswith(HF_PREFIX) for n in files.names()) else ""
+    # Some checkpoints omit the family's optional prefix ("transformer." in old GPT-2 files).
+    opt = family.optional_prefix
+    strip = bool(opt) and not any(n.startswith(opt) for n in files.names())
     mesh = mesh or default_mesh()
     graphdef, abstract = abstract_model(
         config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
@@ -181,9 +169,10 @@ def from_pretrained(
     shardings = dict(nnx.to_flat_state(state_shardings(abstract, mesh)))
     variables = dict(nnx.to_flat_state(abstract))
 
-    loaded = {}
-    for hf_name, flax_path, layout in name_pairs(config.n_layer):
-        name = prefix + hf_name
+    loaded, known = {}, set()
+    for hf_name, flax_path, layout in family.name_table(config):
+        name = hf_name.removeprefix(opt) if strip else hf_name
+        known.add(name)
         if name not in files.names():
             raise UserError(f"{path}: tensor {name} missing from the safetensors files")
         tensor = files.slice(name)
@@ -193,10 +182,9 @@ def from_pretrained(
             raise UserError(f"{path}: {name} has shape {tuple(tensor.get_shape())}, config.json implies {want}")
         loaded[flax_path] = _load_array(tensor, layout, shape, shardings[flax_path].get_value(), param_dtype)
 
-    known = {prefix + hf for hf, _, _ in name_pairs(config.n_layer)}
-    extra = sorted(n for n in files.names() - known if not n.endswith(_IGNORED_SUFFIXES))
+    extra = sorted(n for n in files.names() - known if not n.endswith(family.ignored_tensors))
     if extra:
-        raise UserError(f"{path}: unexpected tensors for GPT-2 with n_layer={config.n_layer}: {extra[:5]}")
+        raise UserError(f"{path}: unexpected tensors for this {family.name} config: {extra[:5]}")
 
     state = nnx.from_flat_state([(p, v.replace(loaded[p])) for p, v in nnx.to_flat_state(abstract)])
     return nnx.merge(graphdef, state)
@@ -228,7 +216,7 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 
 def save_pretrained(
-    model: GPT2LMHeadModel, out_dir: str | os.PathLike, *, tokenizer=None, tokenizer_files_from=None
+    model: nnx.Module, out_dir: str | os.PathLike, *, tokenizer=None, tokenizer_files_from=None
 ) -> None:
     """Write `out_dir` with config.json + model.safetensors (+ tokenizer files) for transformers.
 
@@ -239,12 +227,13 @@ def save_pretrained(
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     config = model.config
-    config.architectures = ["GPT2LMHeadModel"]
+    family = family_of(config)
+    config.architectures = [family.architecture(config)]
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     tensors = {}
-    for hf_name, flax_path, layout in name_pairs(config.n_layer):
+    for hf_name, flax_path, layout in family.name_table(config):
         array = _to_host(flat[flax_path].get_value())
-        tensors[HF_PREFIX + hf_name] = np.ascontiguousarray(to_hf(layout, array, config.vocab_size))
+        tensors[hf_name] = np.ascontiguousarray(to_hf(layout, array, config.vocab_size))
 
     if jax.process_index() == 0:
         parent, name = os.path.split(out_dir)

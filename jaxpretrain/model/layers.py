@@ -1,0 +1,112 @@
+"""Building blocks every model family shares: parameters with logical axes, dropout, attention, remat.
+
+Attention lives here once so that the kernel choice (cuDNN flash attention on GPU, XLA elsewhere) and
+its dropout handling are the same for every family; a family's attention module computes q, k, v in
+its own layout and calls `attention(...)`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpretrain.errors import UserError
+
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
+def param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A parameter naming its logical axes (see `jaxpretrain.parallel.LOGICAL_AXIS_RULES`).
+
+    eager_sharding=False: modules are built without a mesh; `build.sharded_init` shards them in jit.
+    """
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout as torch's: keep with probability 1 - rate, scale kept values by 1 / (1 - rate)."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def check_attention_impl(impl: str | None) -> None:
+    if impl not in ATTENTION_IMPLS:
+        raise UserError(f"model.attention_impl: {impl!r} is not one of 'xla', 'cudnn', None")
+
+
+def resolve_attention_impl(impl: str | None, dtype, head_dim: int) -> str:
+    """The kernel for jax.nn.dot_product_attention: cuDNN flash attention on GPU in half precision for
+    head sizes it supports, else XLA. An explicit "cudnn" where it cannot run is a UserError."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    on_gpu = jax.default_backend() == "gpu"
+    if impl == "cudnn" and not (on_gpu and half):
+        raise UserError(
+            f"model.attention_impl: 'cudnn' needs a GPU and dtype bfloat16/float16 "
+            f"(backend {jax.default_backend()}, dtype {jnp.dtype(dtype).name}); use 'xla' or None"
+        )
+    if impl is not None:
+        return impl
+    return "cudnn" if on_gpu and half and head_dim % 8 == 0 and head_dim <= 128 else "xla"
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float,
+    impl: str | None,
+    dtype,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:
+    """Causal attention over [B, T, heads, head_dim] inputs (k, v may have fewer heads: GQA).
+
+    Without attention dropout this is `jax.nn.dot_product_attention` with the kernel chosen by
+    `resolve_attention_impl`. With dropout (training with attention_dropout > 0) the scores are spelled
+    out, as the fused kernels of `jax.nn.dot_product_attention` take no dropout.
+    """
+    if dropout_key is not None and dropout_rate > 0:
+        return attention_with_dropout(q, k, v, scale=scale, rate=dropout_rate, key=dropout_key)
+    kernel = resolve_attention_impl(impl, dtype, q.shape[-1])
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=kernel)
+
+
+def attention_with_dropout(q, k, v, *, scale: float, rate: float, key) -> jax.Array:
+    """Causal softmax attention with dropout on the probabilities (HF's eager attention)."""
+    t, n_heads, n_kv = q.shape[1], q.shape[2], k.shape[2]
+    if n_kv != n_heads:  # GQA: each kv head serves n_heads / n_kv query heads
+        k, v = (jnp.repeat(x, n_heads // n_kv, axis=2) for x in (k, v))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    probs = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    probs = dropout(probs.astype(v.dtype), rate, key)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def check_remat(remat: bool | str) -> None:
+    if isinstance(remat, str) and not hasattr(jax.checkpoint_policies, remat):
+        raise UserError(f"model.remat: {remat!r} is not a jax.checkpoint_policies policy")
+
+
+def remat_block(block: nnx.Module, x: jax.Array, key: jax.Array | None, remat: bool | str) -> jax.Array:
+    """`block(x, key)` with its activations recomputed in the backward pass.
+
+    remat: True (save nothing) or the name of a `jax.checkpoint_policies` policy. Plain jax.checkpoint
+    over the block's split state: pure, so it works however the model reached the trace (argument of
+    nnx.jit, closure of jax.jit, merged from a State).
+    """
+    policy = getattr(jax.checkpoint_policies, remat) if isinstance(remat, str) else None
+    graphdef, state = nnx.split(block)
+    run = jax.checkpoint(lambda s, y, k: nnx.merge(graphdef, s)(y, k), policy=policy)
+    return run(state, x, key)
+
+
+def padded_size(vocab_size: int, multiple: int) -> int:
+    """Rows of an embedding padded to a multiple of `multiple` (1: no padding)."""
+    if not isinstance(multiple, int) or multiple < 1:
+        raise UserError(f"model.vocab_multiple: must be a positive integer, got {multiple!r}")
+    return -(-vocab_size // multiple) * multiple
