@@ -123,6 +123,9 @@ def _base() -> ml_collections.ConfigDict:
     c.loss_fn = ml_collections.ConfigDict()
     # Masked cross-entropy: summed float32 token CE / label tokens of the global batch (-100 ignored).
     c.loss_fn.name = "masked_ce"
+    # Sequence positions per chunk of the loss (jaxpretrain/train/loss.py): float32 logits exist for
+    # one chunk at a time (micro-batch x chunk_size x vocab), never the whole micro-batch; 0: off.
+    c.loss_fn.chunk_size = 128
 
     c.optimizer = ml_collections.ConfigDict()
     # AdamW with decoupled weight decay, as torch.optim.AdamW.

@@ -149,9 +149,16 @@ def build_training(cfg, mesh, plan: BatchPlan, hf_config=None) -> Training:
         graphdef, rest, optimizer, mesh=mesh, data_axes=DATA_AXES, grad_accum=plan.grad_accum,
         max_grad_norm=float(cfg.optimizer.max_grad_norm), dropout_seed=int(cfg.rng.seed),
         deterministic=not dropout_active(hf_config), state_shardings=state_shardings,
-        batch_sharding=parallel.batch_sharding(mesh),
+        batch_sharding=parallel.batch_sharding(mesh), loss_chunk_size=loss_chunk_size(cfg),
     )
     return Training(hf_config, graphdef, rest, state, state_shardings, lr_schedule, train_step, n_params, n_params_no_pos)
+
+
+def loss_chunk_size(cfg) -> int:
+    chunk = cfg.loss_fn.get("chunk_size", 0) or 0
+    if not isinstance(chunk, int) or chunk < 0:
+        raise UserError(f"loss_fn.chunk_size: must be a whole number >= 0 (0: the plain loss), got {chunk!r}")
+    return chunk
 
 
 def make_mesh(cfg):
@@ -280,6 +287,7 @@ def run(cfg) -> int:
     dp_size = mesh.shape["replicate"] * mesh.shape["fsdp"]
     plan = plan_batches(cfg, dp_size)
     hf_config = model_config(cfg)  # checked before any data work: a bad shape fails in a second
+    loss_chunk_size(cfg)  # likewise
 
     # -- Input: Megatron datasets and the per-process Grain loaders.
     ds_cfg, val_cfg = cfg.dataset, cfg.validation_dataset
@@ -332,7 +340,8 @@ def run(cfg) -> int:
     sinks = metrics_lib.MetricSinks(run_dir, enabled=jax.process_index() == 0, wandb_cfg=cfg.wandb, config_dict=cfg.to_dict())
 
     # -- Steps.
-    eval_step = make_eval_step(t.graphdef, t.rest, mesh=mesh, param_shardings=t.state_shardings["params"], batch_sharding=batch_sharding)
+    eval_step = make_eval_step(t.graphdef, t.rest, mesh=mesh, param_shardings=t.state_shardings["params"], batch_sharding=batch_sharding,
+                               loss_chunk_size=loss_chunk_size(cfg))
 
     seq_len = int(ds_cfg.seq_length)
     tokens_per_step = plan.global_batch_size * seq_len
