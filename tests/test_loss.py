@@ -97,3 +97,11 @@ def test_bad_shapes_are_rejected():
         masked_ce_sum(h, w, labels, vocab_size=17)
     with pytest.raises(ValueError, match="chunk_size"):
         masked_ce_sum(h, w, labels, chunk_size=0)
+
+
+def test_gradients_keep_the_inputs_dtypes():
+    """bf16 hidden states and head weights (the model's compute dtype) get bf16 gradients."""
+    h, w, labels = _inputs(2, 8, 8, 32, 30, seed=5)
+    h, w = jnp.asarray(h, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    dh, dw = jax.grad(lambda h, w: masked_ce_sum(h, w, labels, vocab_size=30, chunk_size=3)[0], argnums=(0, 1))(h, w)
+    assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16

@@ -6,11 +6,12 @@ again by softmax, its gradient and two matmuls. Here the sequence is cut into ch
 `chunk_size` positions and a `lax.scan` handles one chunk at a time with its own VJP:
 
   forward   logits_c = h_c @ W^T (compute dtype in, float32 accumulation), logsumexp, label logit;
-            only the per-token logsumexp [B, T] is kept for the backward pass.
-  backward  logits_c again, softmax_c = exp(logits_c - lse), dlogits_c = g * (softmax_c - onehot),
-            dh_c = dlogits_c @ W, dW += dlogits_c^T @ h_c (float32).
+            under differentiation also softmax_c = exp(logits_c - lse), dlogits_c = softmax_c -
+            onehot, dh_c = dlogits_c @ W and dW += dlogits_c^T @ h_c (float32), kept as residuals.
+  backward  dh and dW scaled by the incoming cotangent g (the loss is a sum: its VJP is g x grad).
 
-So the largest live buffer is one chunk's float32 logits [B, chunk, V]. Chunks run along the
+So the largest live buffer is one chunk's float32 logits [B, chunk, V], and the head's matmuls are
+the plain loss's three (logits, dh, dW) with no recomputation. Chunks run along the
 sequence axis, not over flattened tokens, so a batch sharded over devices stays sharded: every
 device works on its own rows of every chunk. Padded vocabulary rows (W's rows from `vocab_size` on)
 are masked out of the softmax and get zero gradient; labels equal to -100 count for nothing.
@@ -99,53 +100,53 @@ def _label_logit(logits, labels_c):
     return jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
 
 
-def _forward(h, w, labels, vocab_size, chunk, dtype):
+def _forward(h, w, labels, vocab_size, chunk, dtype, with_grads: bool):
+    """The summed CE and, if `with_grads`, its gradients w.r.t. h and w (for a cotangent of 1)."""
     # One all-gather of W (FSDP shards its embed dimension) before the loop, not one per chunk.
     wc = parallel.constrain(w.astype(dtype), ("act_vocab", None))
     hs, ls = _to_chunks(h.astype(dtype), chunk, 0), _to_chunks(labels, chunk, IGNORE_INDEX)
 
-    def body(total, xs):
+    def body(carry, xs):
+        total, dw = carry
         h_c, labels_c = xs
         logits = _chunk_logits(h_c, wc, vocab_size)
         lse = jax.nn.logsumexp(logits, axis=-1)
-        ce = jnp.where(labels_c == IGNORE_INDEX, 0.0, lse - _label_logit(logits, labels_c))
-        return total + jnp.sum(ce), lse
+        keep = labels_c != IGNORE_INDEX
+        total = total + jnp.sum(jnp.where(keep, lse - _label_logit(logits, labels_c), 0.0))
+        if not with_grads:
+            return (total, dw), None
+        # d(lse - logit[label]) / dlogits = softmax - onehot; padded columns: exp(-inf) = 0.
+        onehot = jax.nn.one_hot(jnp.where(keep, labels_c, -1), w.shape[0], dtype=jnp.float32)
+        dlogits = jnp.where(keep[..., None], jnp.exp(logits - lse[..., None]) - onehot, 0.0).astype(dtype)
+        dh_c = jnp.einsum("bcv,vd->bcd", dlogits, wc, preferred_element_type=jnp.float32)
+        dw = dw + jnp.einsum("bcv,bcd->vd", dlogits, h_c, preferred_element_type=jnp.float32)
+        return (total, dw), dh_c.astype(h.dtype)
 
-    total, lse = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ls))
-    return total, lse
+    dw0 = parallel.constrain(jnp.zeros(w.shape, jnp.float32), ("act_vocab", None)) if with_grads else None
+    (total, dw), dhs = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0), (hs, ls))
+    if not with_grads:
+        return total, None
+    return total, (_from_chunks(dhs, h.shape[1]), dw)
 
 
+# The gradient is computed in the forward pass, while each chunk's logits are at hand (Liger
+# Kernel's fused linear cross-entropy does the same): the backward pass only scales it by the
+# incoming cotangent, so the head costs three matmuls (logits, dh, dW) as in the plain loss,
+# not four with a recomputation. Outside differentiation (eval) only the loss is computed.
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _chunked_ce(h, w, labels, vocab_size, chunk, dtype):
-    return _forward(h, w, labels, vocab_size, chunk, dtype)[0]
+    return _forward(h, w, labels, vocab_size, chunk, dtype, with_grads=False)[0]
 
 
 def _chunked_ce_fwd(h, w, labels, vocab_size, chunk, dtype):
-    total, lse = _forward(h, w, labels, vocab_size, chunk, dtype)
-    return total, (h, w, labels, lse)
+    total, (dh, dw) = _forward(h, w, labels, vocab_size, chunk, dtype, with_grads=True)
+    return total, (dh, dw, jnp.zeros((0,), w.dtype))  # the empty array carries w's dtype
 
 
 def _chunked_ce_bwd(vocab_size, chunk, dtype, residuals, g):
-    h, w, labels, lse = residuals
-    t = h.shape[1]
-    wc = parallel.constrain(w.astype(dtype), ("act_vocab", None))
-    hs, ls = _to_chunks(h.astype(dtype), chunk, 0), _to_chunks(labels, chunk, IGNORE_INDEX)
-
-    def body(dw, xs):
-        h_c, labels_c, lse_c = xs
-        logits = _chunk_logits(h_c, wc, vocab_size)
-        keep = labels_c != IGNORE_INDEX
-        probs = jnp.exp(logits - lse_c[..., None])  # padded columns: exp(-inf) = 0
-        onehot = jax.nn.one_hot(jnp.where(keep, labels_c, -1), w.shape[0], dtype=jnp.float32)
-        dlogits = (jnp.where(keep, g, 0.0)[..., None] * (probs - onehot)).astype(dtype)
-        dh_c = jnp.einsum("bcv,vd->bcd", dlogits, wc, preferred_element_type=jnp.float32)
-        dw = dw + jnp.einsum("bcv,bcd->vd", dlogits, h_c, preferred_element_type=jnp.float32)
-        return dw, dh_c.astype(h.dtype)
-
-    dw0 = parallel.constrain(jnp.zeros(w.shape, jnp.float32), ("act_vocab", None))
-    dw, dhs = jax.lax.scan(body, dw0, (hs, ls, lse))
+    dh, dw, w_dtype = residuals
     # Integer labels take no cotangent (None = zero).
-    return _from_chunks(dhs, t), dw.astype(w.dtype), None
+    return (g * dh.astype(jnp.float32)).astype(dh.dtype), (g * dw).astype(w_dtype.dtype), None
 
 
 _chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)

@@ -87,6 +87,7 @@ class Attention(nnx.Module):
         self.n_head, self.head_dim = config.n_head, d // config.n_head
         self.dtype, self.attention_impl = dtype, attention_impl
         self.attn_pdrop, self.resid_pdrop = float(config.attn_pdrop), float(config.resid_pdrop)
+        self.layer_idx = layer_idx  # also the static seed of cuDNN's attention dropout (layers.attention)
         self.scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= layer_idx + 1
@@ -104,7 +105,7 @@ class Attention(nnx.Module):
         attn_key, resid_key = jax.random.split(key) if key is not None else (None, None)
         y = layers.attention(
             q, k, v, scale=self.scale, impl=self.attention_impl, dtype=self.dtype,
-            dropout_rate=self.attn_pdrop, dropout_key=attn_key,
+            dropout_rate=self.attn_pdrop, dropout_key=attn_key, dropout_seed=self.layer_idx,
         )
         y = self.c_proj(y.reshape(b, t, d))
         return _dropout(y, self.resid_pdrop, resid_key)
