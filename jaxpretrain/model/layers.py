@@ -132,6 +132,29 @@ def remat_block(block: nnx.Module, x: jax.Array, key: jax.Array | None, remat: b
     return run(state, x, key)
 
 
+def scan_blocks(blocks, x: jax.Array, keys: list, remat: bool | str = False) -> jax.Array:
+    """`for block, key in zip(blocks, keys): x = block(x, key)` as one `lax.scan` over the blocks.
+
+    The parameters stay per layer (checkpoints and HF name tables do not change); they are stacked
+    here, inside the traced step, into [n_layer, ...] arrays that the scan slices one layer at a time,
+    so XLA compiles one block instead of n_layer. The blocks must be alike up to their parameter
+    values: the first block's structure (its static attributes) is used for all of them. `keys`: one
+    dropout key per block, or all None. `remat` composes: it wraps the scanned body.
+    """
+    graphdef, _ = nnx.split(blocks[0])
+    stacked = jax.tree.map(lambda *layer: jnp.stack(layer), *(nnx.state(b) for b in blocks))
+    use_keys = keys[0] is not None
+
+    def body(h, xs):
+        state, key = xs if use_keys else (xs, None)
+        return nnx.merge(graphdef, state)(h, key), None
+
+    if remat:
+        body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, remat) if isinstance(remat, str) else None)
+    xs = (stacked, jnp.stack(keys)) if use_keys else stacked
+    return jax.lax.scan(body, x, xs)[0]
+
+
 def padded_size(vocab_size: int, multiple: int) -> int:
     """Rows of an embedding padded to a multiple of `multiple` (1: no padding)."""
     if not isinstance(multiple, int) or multiple < 1:

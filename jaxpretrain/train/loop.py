@@ -96,7 +96,8 @@ def build_model(cfg, hf_config, mesh):
         dtype=jnp.dtype(cfg.model.dtype),
         attention_impl=cfg.model.attention_impl,
         vocab_multiple=int(cfg.model.vocab_multiple),
-        remat=bool(cfg.model.remat),
+        remat=(cfg.model.remat_policy or True) if cfg.model.remat else False,
+        scan_layers=bool(cfg.model.scan_layers),
     )
     if cfg.model.load_weights:
         return M.from_pretrained(cfg.model.pretrained_model_name_or_path, mesh=mesh, config=hf_config, **kw)
