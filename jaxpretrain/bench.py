@@ -19,7 +19,6 @@ and prints the top XLA ops by time as a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -29,26 +28,24 @@ from jaxpretrain.errors import UserError, run_cli
 MFU_FORMULA = "mfu = tokens/s x flops_per_token / (devices x peak bf16 FLOP/s); flops_per_token = 6N + 12*L*H*Q*T"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2 through run_cli, not argparse's usage dump
-        raise UserError(message)
+def bench_flags():
+    """Bench's own flags (beside --config and --config.a.b=v), for the shared CLI layer."""
+    from jaxpretrain.config.cli import Flag
 
-
-def build_parser() -> argparse.ArgumentParser:
-    """Bench's own flags; everything else (--config, --config.a.b=v) goes to the recipe config."""
-    p = _Parser(
-        allow_abbrev=False,
-        prog="python -m jaxpretrain.bench",
-        description="Train-step throughput on synthetic tokens. Also takes --config FILE[:preset] and "
-        "--config.section.field=value overrides, as `python -m jaxpretrain.train` does.",
+    return (
+        Flag("steps", int, 10, "timed optimizer steps"),
+        Flag("warmup", int, 2, "executed steps before timing, after the compile"),
+        Flag("json", bool, False, 'also print the figures as one JSON line (starts {"bench":) before the last line'),
+        Flag("profile", str, None, "trace --profile-steps more steps into this directory and print the top XLA ops"),
+        Flag("profile-steps", int, 3, "steps traced with --profile"),
+        Flag("top", int, 15, "ops listed with --profile"),
     )
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="executed steps before timing, after compile (default 2)")
-    p.add_argument("--json", action="store_true", help='also print the figures as one JSON line (starts {"bench":)')
-    p.add_argument("--profile", metavar="DIR", help="trace --profile-steps more steps into DIR; print the top ops")
-    p.add_argument("--profile-steps", type=int, default=3, help="steps traced with --profile (default 3)")
-    p.add_argument("--top", type=int, default=15, help="ops listed with --profile (default 15)")
-    return p
+
+
+DESCRIPTION = (
+    "Throughput of the recipe's real train step on synthetic tokens (no data needed): compile time, step time,\n"
+    "tokens/s in total and per device, MFU, peak memory; ends with `<X> tokens/s`."
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,11 +88,12 @@ def print_report(r: dict, as_json: bool) -> None:
 def _options(cfg) -> dict:
     """The speed-relevant settings, as printed and recorded."""
     m = cfg.model
+    dropout = m.get("dropout")
     out = {
-        "dtype": m.dtype,
-        "dropout": "hf" if m.dropout is None else m.dropout,
-        "remat": m.remat,
-        "attention": m.attention_impl or "auto",
+        "dtype": m.get("dtype"),
+        "dropout": "hf" if dropout is None else dropout,
+        "remat": (m.get("remat_policy") or True) if m.get("remat") else False,
+        "attention": m.get("attention_impl") or "auto",
     }
     for section, key, name in (("model", "scan_layers", "scan"), ("loss_fn", "chunk_size", "loss_chunk")):
         if key in cfg[section]:
@@ -109,14 +107,14 @@ def bench(cfg, args) -> dict:
     import numpy as np
 
     from jaxpretrain import parallel
-    from jaxpretrain.train import loop
     from jaxpretrain.train import metrics as metrics_lib
+    from jaxpretrain.train import report, setup
 
-    loop.setup_logging()
-    parallel.initialize_distributed()
-    mesh = loop.make_mesh(cfg)
-    plan = loop.plan_batches(cfg, mesh.shape["replicate"] * mesh.shape["fsdp"])
-    t = loop.build_training(cfg, mesh, plan)
+    parallel.initialize_distributed()  # before anything starts the backend (setup_logging does)
+    report.setup_logging()
+    mesh = setup.make_mesh(cfg)
+    plan = setup.plan_batches(cfg, parallel.data_parallel_size(mesh))
+    t = setup.build_training(cfg, mesh, plan)
     seq = int(cfg.dataset.seq_length)
     rng = np.random.default_rng(0)
     local_rows = plan.global_batch_size // jax.process_count()
@@ -198,19 +196,30 @@ def main(argv: list[str] | None = None) -> int:
     from jaxpretrain import xla_env
     from jaxpretrain.train.__main__ import parse_config
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, rest = build_parser().parse_known_args(argv)
-    for name in ("steps", "profile_steps", "top"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')}: must be at least 1")
-    cfg = parse_config([sys.argv[0]] + rest)
+    parsed = parse_config(
+        list(sys.argv[1:] if argv is None else argv), prog="python -m jaxpretrain.bench", flags=bench_flags(),
+        description=DESCRIPTION,
+    )
+    args = argparse_like(parsed.flags)
     xla_env.configure()  # before jax starts its backend
-    result = bench(cfg, args)
+    result = bench(parsed.cfg, args)
     import jax
 
     if jax.process_index() == 0:
         print_report(result, args.json)
     return 0
+
+
+def argparse_like(flags: dict):
+    """The parsed flags as attributes, checked."""
+    import types
+
+    for name in ("steps", "profile_steps", "top"):
+        if flags[name] < 1:
+            raise UserError(f"--{name.replace('_', '-')}: must be at least 1")
+    if flags["warmup"] < 0:
+        raise UserError("--warmup: must be 0 or more")
+    return types.SimpleNamespace(**flags)
 
 
 if __name__ == "__main__":

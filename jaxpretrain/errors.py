@@ -7,6 +7,7 @@ Bugs (any other exception) still show their traceback: those are ours to fix, no
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -15,8 +16,15 @@ class UserError(Exception):
     """A problem with the user's input or environment, reported as one line naming the file or field."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work (also a ValueError, for library callers that expect one)."""
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a CLI `main(argv)`; a UserError becomes `error: ...` on stderr and exit status 2."""
+    # transformers advises "PyTorch was not found" at every import, in every worker process; torch is
+    # not needed here (only tokenizers and configs are used), so that advice is noise to our users.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         code = main(argv)
     except UserError as e:

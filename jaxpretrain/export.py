@@ -1,6 +1,6 @@
 """`python -m jaxpretrain.export --checkpoint-dir DIR [--step N] --output HF_DIR`.
 
-Turns a training checkpoint into a Hugging Face GPT-2 directory (config.json, model.safetensors and
+Turns a training checkpoint into a Hugging Face directory (config.json, model.safetensors and
 the tokenizer files), the seed's `save_consolidated`. Only the `params` and `meta` items are read:
 the optimizer state, which is twice the model, never leaves the disk. The output appears atomically.
 """
@@ -15,15 +15,16 @@ import tempfile
 from jaxpretrain.errors import UserError, run_cli
 
 
-def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None) -> str:
+def load_checkpoint_model(checkpoint_dir: str, step: int | None = None):
+    """(model, meta) of a training checkpoint: the newest complete step unless `step`, restored onto
+    this process's first device. Only the `params` and `meta` items are read."""
     import jax
-    import transformers
     from flax import nnx
 
     import jaxpretrain.model as M
-    from jaxpretrain.tokenizer import save_tokenizer
     from jaxpretrain.train.checkpoint import TrainCheckpointer
 
+    _check_not_a_step_dir(checkpoint_dir)
     ckpt = TrainCheckpointer(checkpoint_dir, read_only=True)
     steps = ckpt.all_steps()
     if not steps:
@@ -33,18 +34,35 @@ def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None)
     elif step not in steps:
         raise UserError(f"--step: {step} is not among the checkpoints in {checkpoint_dir} ({sorted(steps)})")
     meta = ckpt.restore_meta(step)
-    hf_config = transformers.GPT2Config.from_dict(meta["model_config"])
+    hf_config = M.config_from(meta["model_config"])
     vocab_multiple = int(meta["config"]["model"]["vocab_multiple"])
 
-    # The parameters' shapes without allocating them (every model variable is a parameter);
-    # restored onto one device for writing.
+    # The parameters' shapes without allocating them (every model variable is a parameter).
     graphdef, abstract_params = M.abstract_model(hf_config, vocab_multiple=vocab_multiple)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract_params)
     params = ckpt.restore_params(step, target)
     ckpt.close()
-    model = nnx.merge(graphdef, params)
+    return nnx.merge(graphdef, params), meta
 
+
+def _check_not_a_step_dir(path: str) -> None:
+    """A step directory (checkpoints/200) passed where the checkpoint root belongs: say which to pass."""
+    path = os.path.abspath(path)
+    name = os.path.basename(path.rstrip(os.sep))
+    items = set(os.listdir(path)) if os.path.isdir(path) else set()
+    if name.isdigit() and items & {"params", "meta", "_CHECKPOINT_METADATA"}:
+        raise UserError(
+            f"{path}: is one checkpoint (step {name}), not a checkpoint directory; "
+            f"use --checkpoint-dir {os.path.dirname(path)} --step {int(name)}"
+        )
+
+
+def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None) -> str:
+    import jaxpretrain.model as M
+    from jaxpretrain.tokenizer import save_tokenizer
+
+    model, meta = load_checkpoint_model(checkpoint_dir, step)
     out = os.path.abspath(output)
     parent = os.path.dirname(out)
     try:

@@ -22,7 +22,7 @@ def generate(model_dir: str, prompt: str, *, max_new_tokens: int = 64, temperatu
     tok = load_tokenizer(model_dir)
     model = M.from_pretrained(model_dir, dtype=jnp.float32)
     ids = tok(prompt).input_ids or [tok.eos_token_id]
-    n_ctx = model.config.n_positions if hasattr(model, "config") else 1024
+    n_ctx = M.family_of(model.config).max_positions(model.config)
     window = min(n_ctx, len(ids) + max_new_tokens)
 
     @jax.jit

@@ -45,6 +45,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("qkv", None),
 )
 
+# The mesh axes a batch is split over: the one source for the batch sharding and micro-batching.
+DATA_AXES: tuple[str, ...] = dict(LOGICAL_AXIS_RULES)["batch"]
+
 
 # ------------------------------------------------------------------------------------------------
 # Processes
@@ -191,7 +194,7 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways the batch is split (replicate x fsdp)."""
-    return mesh.shape["replicate"] * mesh.shape["fsdp"]
+    return math.prod(mesh.shape[a] for a in DATA_AXES)
 
 
 def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -153,6 +153,7 @@ class UnitResult:
     skipped: Counter = field(default_factory=Counter)
     tokens: dict = field(default_factory=dict)  # key -> flat token array
     lengths: dict = field(default_factory=dict)  # key -> tokens per document
+    keys_seen: Counter = field(default_factory=Counter)  # keys of rows that lacked a requested key
 
 
 _WORKER: dict = {}  # per-process state set by init_worker: config and encoder
@@ -192,9 +193,9 @@ def process_unit(unit: Unit) -> UnitResult:
     config: WorkerConfig = _WORKER["config"]
     result = UnitResult(unit.file_index, unit.nbytes)
     if unit.kind == "parquet":
-        rows = _parquet_rows(unit, config, result.skipped)
+        rows = _parquet_rows(unit, config, result.skipped, result.keys_seen)
     else:
-        rows = _json_rows(unit, config.keys, result.skipped)
+        rows = _json_rows(unit, config.keys, result.skipped, result.keys_seen)
     columns: dict[str, list[str]] = {key: [] for key in config.keys}
     for row in rows:
         for key, text in zip(config.keys, row):
@@ -259,7 +260,7 @@ def _check_text(text) -> str | None:
     return None
 
 
-def _json_rows(unit: Unit, keys: tuple[str, ...], skipped: Counter):
+def _json_rows(unit: Unit, keys: tuple[str, ...], skipped: Counter, keys_seen: Counter):
     for raw in _read_lines(unit):
         if not raw.strip():
             skipped["blank line"] += 1
@@ -281,6 +282,7 @@ def _json_rows(unit: Unit, keys: tuple[str, ...], skipped: Counter):
         for key in keys:
             if key not in row:
                 reason = f"missing key {key!r}"
+                keys_seen.update(row.keys())
                 break
             reason = _check_text(row[key])
             if reason:
@@ -292,7 +294,7 @@ def _json_rows(unit: Unit, keys: tuple[str, ...], skipped: Counter):
         yield texts
 
 
-def _parquet_rows(unit: Unit, config: WorkerConfig, skipped: Counter):
+def _parquet_rows(unit: Unit, config: WorkerConfig, skipped: Counter, keys_seen: Counter):
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(unit.path)
@@ -302,6 +304,7 @@ def _parquet_rows(unit: Unit, config: WorkerConfig, skipped: Counter):
     if missing:
         if num_rows:
             skipped[f"missing key {missing[0]!r}"] += num_rows
+            keys_seen.update({name: num_rows for name in present})
         return
     if not unit.row_groups:
         return
@@ -469,6 +472,11 @@ def preprocess_files(
     )
     units_left = Counter(unit.file_index for unit in units)
     builders: dict[tuple[int, str], IndexedDatasetBuilder] = {}
+    # Inputs that gave no document wait here: if no input gives one (a wrong --json-keys, say), the run
+    # fails without leaving empty output files; otherwise they are written as Megatron would.
+    empty: dict[int, int] = {}
+    docs_per_file = Counter()
+    keys_seen = Counter()
 
     pool = None
     context = _pool_context() if workers > 1 and len(units) > 1 else None
@@ -496,11 +504,20 @@ def preprocess_files(
             summary.documents += result.documents
             summary.tokens += int(sum(int(t.size) for t in result.tokens.values()))
             summary.skipped.update(result.skipped)
+            keys_seen.update(result.keys_seen)
+            docs_per_file[i] += result.documents
             bar.update(result.nbytes, result.documents, int(result.tokens[keys[0]].size))
             units_left[i] -= 1
             if units_left[i] == 0:
-                for key in keys:
-                    builders.pop((i, key)).finalize(prefixes[i, key] + ".idx")
+                if docs_per_file[i] == 0 and summary.documents == 0:
+                    empty[i] = 1
+                    continue
+                for j in [*empty, i]:
+                    for key in keys:
+                        builders.pop((j, key)).finalize(prefixes[j, key] + ".idx")
+                empty.clear()
+        if summary.documents == 0:
+            raise UserError(_no_documents_message(keys, keys_seen, summary.skipped, files))
         if pool is not None:
             pool.close()
             pool.join()
@@ -514,6 +531,16 @@ def preprocess_files(
         bar.close()
     summary.seconds = time.perf_counter() - start_time
     return summary
+
+
+def _no_documents_message(keys, keys_seen: Counter, skipped: Counter, files: list[str]) -> str:
+    where = files[0] if len(files) == 1 else f"--input ({len(files)} files)"
+    missing = [r for r in skipped if r.startswith("missing key")]
+    if missing and sum(skipped[r] for r in missing) == sum(skipped.values()):
+        seen = ", ".join(repr(k) for k, _ in keys_seen.most_common(12)) or "none"
+        return f"{where}: no row has the key {keys[0]!r} (--json-keys); keys seen: {seen}; nothing was written"
+    reasons = ", ".join(f"{r} {n:,}" for r, n in skipped.most_common()) or "the input is empty"
+    return f"{where}: no usable document ({reasons}); nothing was written"
 
 
 # -- CLI -----------------------------------------------------------------------------------------------

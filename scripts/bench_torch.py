@@ -1,7 +1,7 @@
 """The torch baseline of `python -m jaxpretrain.bench`, on the same config and the same flags.
 
     python scripts/bench_torch.py --config configs/gpt2.py[:preset] [--steps N] [--warmup N] [--json]
-        [--config.section.field=value ...] [--no-compile]
+        [--config.section.field=value ...] [--compile=false]
 
 transformers' `GPT2LMHeadModel` built from a GPT2Config of the recipe's shape (HF's own vocabulary,
 no padding), `torch.optim.AdamW` (fused on GPU) with the recipe's betas, eps and weight decay, the
@@ -24,7 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from jaxpretrain.bench import build_parser, mfu, print_report  # noqa: E402  (no jax imported)
+from jaxpretrain.bench import argparse_like, bench_flags, mfu, print_report  # noqa: E402  (no jax imported)
 from jaxpretrain.errors import UserError, run_cli  # noqa: E402
 from jaxpretrain.train.metrics import PEAK_FLOPS  # noqa: E402
 
@@ -158,18 +158,17 @@ def bench(cfg, args) -> dict:
 
 
 def main(argv=None) -> int:
+    from jaxpretrain.config.cli import Flag
     from jaxpretrain.train.__main__ import parse_config
 
-    parser = build_parser()
-    parser.prog = "python scripts/bench_torch.py"
-    parser.add_argument("--no-compile", dest="compile", action="store_false", help="GPU: run eager, no torch.compile")
-    args, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    if args.profile:
-        raise UserError("--profile: not supported by the torch baseline")
-    if args.steps < 1:
-        raise UserError("--steps: must be at least 1")
-    cfg = parse_config([sys.argv[0]] + rest)
-    print_report(bench(cfg, args), args.json)
+    flags = tuple(f for f in bench_flags() if not f.name.startswith("profile") and f.name != "top")
+    flags += (Flag("compile", bool, True, "GPU: torch.compile the model (--compile=false: eager)"),)
+    parsed = parse_config(
+        list(sys.argv[1:] if argv is None else argv), prog="python scripts/bench_torch.py", flags=flags,
+        description="The torch baseline of jaxpretrain.bench: transformers' GPT-2 + torch AdamW on the same config.",
+    )
+    args = argparse_like({"profile_steps": 1, "top": 1, **parsed.flags})
+    print_report(bench(parsed.cfg, args), args.json)
     return 0
 
 

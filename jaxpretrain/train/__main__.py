@@ -1,39 +1,41 @@
-"""`python -m jaxpretrain.train --config configs/gpt2.py[:preset] [--config.section.field=value ...]`."""
+"""`python -m jaxpretrain.train --config configs/gpt2.py[:preset] [--config.section.field=value ...]`.
+
+Pretrains a model from Megatron `.bin/.idx` token files as the seed's NeMo Automodel recipe does;
+`--config` also takes that recipe's YAML as is. Rerunning the same command resumes from the newest
+complete checkpoint; SIGTERM saves a checkpoint and exits. `--help` lists every config field.
+"""
 
 from __future__ import annotations
 
 import sys
 
-from absl import flags
-from ml_collections import config_flags
+from jaxpretrain.errors import run_cli
 
-from jaxpretrain.errors import UserError, run_cli
+DESCRIPTION = (
+    "Pretrain a language model from Megatron .bin/.idx token files (NeMo Automodel's recipe in JAX). Rerunning\n"
+    "the same command resumes from the newest complete checkpoint; SIGTERM saves one and exits."
+)
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe config file, e.g. configs/gpt2.py:tiny", lock_config=True)
 
+def parse_config(argv: list[str], *, prog: str = "python -m jaxpretrain.train", description: str = DESCRIPTION, flags=()):
+    """The command line as a finished config (recipe YAML mapped, overrides applied, validation
+    fields inherited); `--help` prints and exits; mistakes are one UserError line."""
+    from jaxpretrain.config import cli, finalize
 
-def parse_config(argv: list[str]):
-    """Parses --config and its overrides; any mistake becomes one UserError line, not absl's traceback."""
-    try:
-        flags.FLAGS(argv)
-    except flags.Error as e:
-        first = str(e).strip().splitlines()
-        raise UserError(first[0] if first else "bad command line") from None
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        # ml_collections reports an override of a field the config lacks as a bare AttributeError.
-        name = str(e).strip("\"' ")
-        flag = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and name in a), "--config")
-        raise UserError(f"{flag}: {name!r} is not a field of the config (see configs/gpt2.py)") from None
-    if _CONFIG.value is None:
-        raise UserError("--config: required, e.g. --config configs/gpt2.py:tiny")
-    return _CONFIG.value
+    parsed = cli.parse(argv, prog=prog, description=description, flags=flags)
+    cli.print_notes(parsed.loaded)
+    finalize(parsed.cfg)
+    return parsed
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config([sys.argv[0]] + list(sys.argv[1:] if argv is None else argv))
+    parsed = parse_config(list(sys.argv[1:] if argv is None else argv))
+    from jaxpretrain import xla_env
+
+    xla_env.configure()  # GPU XLA flags under the user's XLA_FLAGS, before jax starts its backend
     from jaxpretrain.train.loop import run  # after parsing: --help and bad flags answer without importing jax
 
-    return run(cfg)
+    return run(parsed.cfg, parsed.loaded)
 
 
 if __name__ == "__main__":

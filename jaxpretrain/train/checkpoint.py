@@ -32,6 +32,7 @@ class TrainCheckpointer:
             read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._unreported: list[int] = []  # saved steps whose completion was not yet reported
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -47,6 +48,17 @@ class TrainCheckpointer:
             meta=ocp.args.JsonSave(meta),
         )
         self._manager.save(step, args=args, force=True)
+        self._unreported.append(step)
+
+    def completed(self) -> list[int]:
+        """Steps whose save has completed since the last call (committed: a restart would resume them)."""
+        if not self._unreported or self._manager.is_saving_in_progress():
+            return []
+        done, self._unreported = self._unreported, []
+        return done
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
 
     def restore(self, step: int, *, params, opt_state, data_iterator) -> dict:
         """Restores into the shardings of `params`/`opt_state` (arrays or ShapeDtypeStructs) and

@@ -75,7 +75,7 @@ class MetricSinks:
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self._files = {name: open(os.path.join(run_dir, f"{name}.jsonl"), "a") for name in ("train", "validation")}
+        self._files = {name: open(os.path.join(run_dir, f"{name}.jsonl"), "a") for name in ("train", "validation", "eval")}
         from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
 
         self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
@@ -95,7 +95,7 @@ class MetricSinks:
         record = {"step": step, "time": time.time(), **metrics}
         self._files[kind].write(json.dumps(record) + "\n")
         self._files[kind].flush()
-        prefix = "train" if kind == "train" else "val"
+        prefix = {"train": "train", "validation": "val"}.get(kind, kind)
         for name, value in metrics.items():
             if isinstance(value, (int, float)):
                 self._tb.add_scalar(f"{prefix}/{name}", value, step)

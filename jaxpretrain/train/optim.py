@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import optax
 
+from jaxpretrain.errors import ConfigError
+
 from jaxpretrain.train.schedule import LRSchedule
 
 
@@ -20,7 +22,7 @@ def build_optimizer(cfg, schedule: LRSchedule) -> optax.GradientTransformation:
     """
     opt = cfg.optimizer
     if opt.name != "adamw":
-        raise ValueError(f"optimizer.name: {opt.name!r} is not supported (use 'adamw')")
+        raise ConfigError(f"optimizer.name: {opt.name!r} is not supported (use 'adamw')")
     b1, b2 = (float(b) for b in opt.betas)
     return optax.adamw(
         learning_rate=schedule, b1=b1, b2=b2, eps=float(opt.eps), weight_decay=float(opt.weight_decay)

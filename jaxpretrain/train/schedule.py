@@ -13,6 +13,8 @@ import math
 
 import jax.numpy as jnp
 
+from jaxpretrain.errors import ConfigError
+
 DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
 
 
@@ -27,13 +29,18 @@ class LRSchedule:
 
     def __post_init__(self):
         if self.decay_style not in DECAY_STYLES:
-            raise ValueError(f"lr_scheduler.lr_decay_style: {self.decay_style!r} is not one of {DECAY_STYLES}")
+            raise ConfigError(f"lr_scheduler.lr_decay_style: {self.decay_style!r} is not one of {', '.join(DECAY_STYLES)}")
         if not 0.0 <= self.min_lr <= self.max_lr:
-            raise ValueError("lr_scheduler.min_lr: must be between 0 and optimizer.lr")
+            raise ConfigError(f"lr_scheduler.min_lr: {self.min_lr:g} is not between 0 and optimizer.lr ({self.max_lr:g})")
         if self.init_lr > self.max_lr:
-            raise ValueError("lr_scheduler.init_lr: must not exceed optimizer.lr")
-        if not 0 <= self.warmup_steps < self.decay_steps:
-            raise ValueError("lr_scheduler.lr_warmup_steps: must be >= 0 and below the decay steps")
+            raise ConfigError(f"lr_scheduler.init_lr: {self.init_lr:g} exceeds optimizer.lr ({self.max_lr:g})")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"lr_scheduler.lr_warmup_steps: {self.warmup_steps} is negative")
+        if self.warmup_steps >= self.decay_steps:
+            raise ConfigError(
+                f"lr_scheduler.lr_warmup_steps: {self.warmup_steps} is not below the decay steps ({self.decay_steps}: "
+                "lr_scheduler.lr_decay_steps, or step_scheduler.max_steps when unset)"
+            )
 
     def __call__(self, step):
         """Learning rate after `step` scheduler steps; works on Python ints and traced jax scalars."""

@@ -34,18 +34,6 @@ _dropout = layers.dropout
 # ------------------------------------------------------------------------------------------------
 
 
-def _param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
-    # eager_sharding=False: modules are built without a mesh; create_model shards them in jit.
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
-
-
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
 class LayerNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
         self.eps, self.dtype = eps, dtype

@@ -1,0 +1,328 @@
+"""NeMo Automodel's recipe YAML (the seed's `megatron_pretrain_gpt2.yaml`) as our config, and the
+effective config a run writes (`config.yaml`), read back.
+
+A recipe YAML starts from the model family's config file at its default preset (`configs/gpt2.py:124m`
+for GPT-2: the seed's recipe), and each section's keys replace fields, as the README's table shows.
+A `_target_` we implement is accepted; any other `_target_`, or a key we do not know, is one line
+naming it and what is supported; keys that only matter to torch (`dist_env.backend`,
+`dataloader.collate_fn`, ...) are accepted and listed in one note. Within an `optimizer` section with
+`_target_: torch.optim.AdamW`, arguments it leaves out take torch's defaults, as they would in NeMo.
+"""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+
+from jaxpretrain.config.files import REPO_ROOT, Loaded, load_python, split_spec
+from jaxpretrain.config.overrides import set_field
+from jaxpretrain.errors import UserError
+
+BASE_KEY = "base_config"  # present only in an effective config written by a run
+
+# Accepted `_target_` values per section (NeMo's import paths; short aliases it also resolves).
+TARGETS = {
+    "model": {
+        "nemo_automodel.NeMoAutoModelForCausalLM.from_config": False,
+        "nemo_automodel.NeMoAutoModelForCausalLM.from_pretrained": True,
+        "nemo_automodel.components._transformers.auto_model.NeMoAutoModelForCausalLM.from_config": False,
+        "nemo_automodel.components._transformers.auto_model.NeMoAutoModelForCausalLM.from_pretrained": True,
+        "transformers.AutoModelForCausalLM.from_config": False,
+        "transformers.AutoModelForCausalLM.from_pretrained": True,
+    },
+    "model.config": ("transformers.AutoConfig.from_pretrained",),
+    "dataset": ("nemo_automodel.components.datasets.llm.megatron_dataset.MegatronPretraining",),
+    "tokenizer": ("transformers.AutoTokenizer.from_pretrained", "nemo_automodel.NeMoAutoTokenizer.from_pretrained"),
+    "rng": ("nemo_automodel.components.training.rng.StatefulRNG",),
+    "distributed": ("nemo_automodel.components.distributed.fsdp2.FSDP2Manager",),
+    "loss_fn": ("nemo_automodel.components.loss.masked_ce.MaskedCrossEntropy",),
+    "dataloader": ("torchdata.stateful_dataloader.StatefulDataLoader", "torch.utils.data.DataLoader"),
+    "optimizer": ("torch.optim.AdamW",),
+}
+# torch.optim.AdamW's defaults: what NeMo uses for an argument the YAML leaves out.
+TORCH_ADAMW_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+
+# section -> {key: our field}; keys mapped to None are accepted and noted (no effect in JAX).
+FIELDS = {
+    "step_scheduler": {
+        "global_batch_size": "step_scheduler.global_batch_size",
+        "local_batch_size": "step_scheduler.local_batch_size",
+        "ckpt_every_steps": "step_scheduler.ckpt_every_steps",
+        "val_every_steps": "step_scheduler.val_every_steps",
+        "num_epochs": "step_scheduler.num_epochs",
+        "max_steps": "step_scheduler.max_steps",
+        "log_remote_every_steps": None,
+        "gc_every_steps": None,
+        "loss_average_window_steps": None,
+    },
+    "dist_env": {"backend": None, "timeout_minutes": None},
+    "rng": {"seed": "rng.seed", "ranked": None},
+    "checkpoint": {
+        "enabled": "checkpoint.enabled",
+        "checkpoint_dir": "checkpoint.checkpoint_dir",
+        "save_consolidated": "checkpoint.save_consolidated",
+        "max_recent_checkpoints": "checkpoint.max_to_keep",
+        "model_save_format": None,
+        "is_async": "checkpoint.async_save",
+    },
+    "distributed": {
+        "dp_size": "distributed.dp_size",
+        "dp_replicate_size": "distributed.dp_replicate_size",
+        "tp_size": "distributed.tp_size",
+        "cp_size": "distributed.cp_size",
+        "sequence_parallel": "distributed.sequence_parallel",
+    },
+    "loss_fn": {},
+    "dataloader": {"collate_fn": None, "num_workers": "dataset.worker_count", "pin_memory": None, "persistent_workers": None},
+    "validation_dataloader": {"collate_fn": None, "num_workers": None, "pin_memory": None, "persistent_workers": None},
+    "optimizer": {
+        "lr": "optimizer.lr",
+        "betas": "optimizer.betas",
+        "eps": "optimizer.eps",
+        "weight_decay": "optimizer.weight_decay",
+        "fused": None,
+        "foreach": None,
+    },
+    "lr_scheduler": {
+        "lr_decay_style": "lr_scheduler.lr_decay_style",
+        "lr_warmup_steps": "lr_scheduler.lr_warmup_steps",
+        "min_lr": "lr_scheduler.min_lr",
+        "init_lr": "lr_scheduler.init_lr",
+        "lr_decay_steps": "lr_scheduler.lr_decay_steps",
+    },
+    "clip_grad_norm": {"max_norm": "optimizer.max_grad_norm"},
+    "wandb": {"project": "wandb.project", "entity": "wandb.entity", "name": "wandb.name", "save_dir": "wandb.save_dir"},
+}
+DATASET_FIELDS = {
+    "paths": "paths",
+    "index_mapping_dir": "index_mapping_dir",
+    "seq_length": "seq_length",
+    "split": "split",
+    "seed": "seed",
+    "num_dataset_builder_threads": None,
+    "mmap_bin_files": None,
+    "create_attention_mask": None,
+}
+
+
+def load_yaml(path: str, spec: str) -> Loaded:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a YAML mapping of config sections is expected")
+    if BASE_KEY in data:
+        return _load_effective(path, spec, data)
+    return _Recipe(path, spec, data).load()
+
+
+# ------------------------------------------------------------------------------- effective config
+
+
+def _load_effective(path: str, spec: str, data: dict) -> Loaded:
+    base_path, preset = split_spec(str(data.pop(BASE_KEY)))
+    loaded = load_python(base_path, preset, f"{path} ({BASE_KEY})")
+    loaded.source = spec
+    for section, fields in data.items():
+        if not isinstance(fields, dict):
+            raise UserError(f"{path}: {section}: a mapping of fields is expected")
+        for name, value in fields.items():
+            set_field(loaded.cfg, loaded.types, f"{section}.{name}", value, flag=f"{path}: {section}.{name}")
+    return loaded
+
+
+def write_effective(loaded: Loaded, cfg, path: str) -> None:
+    """Write `cfg` (every field) as YAML that `--config path` takes back; atomically."""
+    from jaxpretrain.config.overrides import plain
+
+    body = {BASE_KEY: loaded.base, **plain(cfg)}
+    text = (
+        "# The effective config of a jaxpretrain run: every field, after presets, recipe YAML and overrides.\n"
+        f"# Rerun it with: python -m jaxpretrain.train --config {path}\n"
+        + yaml.safe_dump(body, sort_keys=False, default_flow_style=None, width=120)
+    )
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------- recipe YAML
+
+
+class _Recipe:
+    def __init__(self, path: str, spec: str, data: dict):
+        self.path, self.spec, self.data = path, spec, data
+        self.notes: list[str] = []
+        self.loaded: Loaded | None = None
+
+    def error(self, key: str, what: str) -> UserError:
+        return UserError(f"{self.path}: {key}: {what}")
+
+    def target(self, section: str, node: dict, key: str, allowed) -> str | None:
+        target = node.get("_target_")
+        if target is None:
+            return None
+        if target not in allowed:
+            return_list = ", ".join(allowed)
+            raise self.error(f"{key}._target_", f"{target!r} is not supported (supported: {return_list})")
+        return target
+
+    def set(self, field: str, value, key: str) -> None:
+        set_field(self.loaded.cfg, self.loaded.types, field, value, flag=f"{self.path}: {key}")
+
+    def load(self) -> Loaded:
+        model = self.data.get("model")
+        if not isinstance(model, dict):
+            raise self.error("model", "the recipe has no model section (model.config.pretrained_model_name_or_path)")
+        name, load_weights, config_kwargs = self.model_source(model)
+        self.loaded = self.base_for(name)
+        self.loaded.source = self.spec
+        self.set("model.pretrained_model_name_or_path", name, "model")
+        self.set("model.load_weights", load_weights, "model._target_")
+        for k, v in config_kwargs.items():
+            if f"model.{k}" not in self.loaded.types:
+                raise self.error(f"model.config.{k}", f"not a model field of {os.path.basename(self.loaded.base.split(':')[0])} "
+                                 "(python -m jaxpretrain.train --help lists them)")
+            self.set(f"model.{k}", v, f"model.config.{k}")
+        for section, node in self.data.items():
+            if section == "model":
+                continue
+            if node is None:
+                continue
+            if not isinstance(node, dict):
+                raise self.error(section, "a mapping of keys is expected")
+            if section in ("dataset", "validation_dataset"):
+                self.dataset(section, node)
+            elif section in FIELDS:
+                self.section(section, node)
+            else:
+                supported = ", ".join(["model", "dataset", "validation_dataset", *FIELDS])
+                raise self.error(section, f"section not supported (supported: {supported})")
+        self.inherit_validation_fields()
+        self.loaded.notes = self.notes
+        return self.loaded
+
+    def inherit_validation_fields(self) -> None:
+        """A validation value equal to the train section's becomes "inherit" (None): the seed's YAML
+        repeats its paths in both sections, and `--config.dataset.paths=...` must then move both."""
+        from jaxpretrain.config.sections import INHERITED_VALIDATION_FIELDS
+
+        cfg = self.loaded.cfg
+        for name in INHERITED_VALIDATION_FIELDS:
+            if name in cfg.validation_dataset and cfg.validation_dataset[name] == cfg.dataset[name]:
+                self.set(f"validation_dataset.{name}", None, f"validation_dataset.{name}")
+
+    def model_source(self, model: dict) -> tuple[str, bool, dict]:
+        targets = TARGETS["model"]
+        target = self.target("model", model, "model", targets)
+        load_weights = bool(targets.get(target, False))
+        known = {"_target_", "config", "pretrained_model_name_or_path", "is_meta_device", "torch_dtype"}
+        for k in model:
+            if k not in known:
+                raise self.error(f"model.{k}", f"not supported (supported: {', '.join(sorted(known))})")
+        if model.get("is_meta_device") is not None:
+            self.notes.append("model.is_meta_device (models are always built sharded, nothing is materialised whole)")
+        if model.get("torch_dtype") is not None:
+            self.notes.append("model.torch_dtype (master weights stay float32; model.dtype sets the compute dtype)")
+        config = model.get("config") or {}
+        if not isinstance(config, dict):
+            raise self.error("model.config", "a mapping is expected")
+        self.target("model.config", config, "model.config", TARGETS["model.config"])
+        kwargs = {k: v for k, v in config.items() if k not in ("_target_", "pretrained_model_name_or_path")}
+        name = config.get("pretrained_model_name_or_path") or model.get("pretrained_model_name_or_path")
+        if not name:
+            raise self.error("model.config.pretrained_model_name_or_path", "missing (an HF directory, config.json, or 'gpt2')")
+        return str(name), load_weights, kwargs
+
+    def base_for(self, name: str) -> Loaded:
+        from jaxpretrain.model.registry import family_of
+
+        family = family_of(name)
+        config_file = os.path.join(REPO_ROOT, "configs", f"{family.name}.py")
+        if not os.path.isfile(config_file):
+            raise self.error("model", f"no config file {config_file} for the {family.name} family")
+        return load_python(config_file, None)
+
+    def section(self, section: str, node: dict) -> None:
+        fields = FIELDS[section]
+        if section in TARGETS or section == "validation_dataloader":
+            self.target(section, node, section, TARGETS.get(section, TARGETS["dataloader"]))
+        if section == "optimizer":
+            node = {**TORCH_ADAMW_DEFAULTS, **node}
+            if node.get("amsgrad"):
+                raise self.error("optimizer.amsgrad", "AMSGrad is not supported (AdamW as torch computes it without it)")
+            node.pop("amsgrad", None)
+        if section == "lr_scheduler":
+            self.weight_decay_schedule(node)
+        if section == "checkpoint":
+            fmt = node.get("model_save_format")
+            if fmt not in (None, "torch_save", "safetensors"):
+                raise self.error("checkpoint.model_save_format", f"{fmt!r} is not torch_save or safetensors")
+            if node.get("save_consolidated") and fmt == "torch_save":
+                raise self.error("checkpoint.save_consolidated", "requires model_save_format: safetensors (as in NeMo Automodel)")
+        has_target = section in TARGETS or section == "validation_dataloader"
+        for key, value in node.items():
+            if key == "_target_" and has_target:
+                continue
+            if key not in fields:
+                supported = ", ".join(k for k in fields) or "only _target_"
+                raise self.error(f"{section}.{key}", f"not supported (supported: {supported})")
+            if fields[key] is None:
+                self.notes.append(f"{section}.{key}")
+            else:
+                self.set(fields[key], value, f"{section}.{key}")
+
+    def weight_decay_schedule(self, node: dict) -> None:
+        keys = ("start_weight_decay", "end_weight_decay", "weight_decay_incr_style")
+        given = {k: node.pop(k) for k in keys if k in node}
+        if not given:
+            return
+        style = given.get("weight_decay_incr_style", "constant")
+        wd = (self.data.get("optimizer") or {}).get("weight_decay", TORCH_ADAMW_DEFAULTS["weight_decay"])
+        if style != "constant" or any(given.get(k, wd) != wd for k in keys[:2]):
+            raise self.error("lr_scheduler.weight_decay_incr_style", "only a constant weight decay (optimizer.weight_decay) is supported")
+
+    def dataset(self, section: str, node: dict) -> None:
+        self.target(section, node, section, TARGETS["dataset"])
+        want = "train" if section == "dataset" else "validation"
+        split = node.get("splits_to_build", want)
+        if split != want:
+            raise self.error(f"{section}.splits_to_build", f"{split!r}: this section builds {want!r}")
+        for key, value in node.items():
+            if key in ("_target_", "splits_to_build"):
+                continue
+            if key == "tokenizer":
+                self.set(f"{section}.tokenizer", self.tokenizer(section, value), f"{section}.tokenizer")
+            elif key == "num_val_samples" and section == "validation_dataset":
+                self.set("validation_dataset.num_val_samples", value, f"{section}.{key}")
+            elif key == "num_train_samples" and section == "dataset":
+                self.set("dataset.num_train_samples", value, f"{section}.{key}")
+            elif key in DATASET_FIELDS:
+                if DATASET_FIELDS[key] is None:
+                    self.notes.append(f"{section}.{key}")
+                else:
+                    self.set(f"{section}.{DATASET_FIELDS[key]}", value, f"{section}.{key}")
+            else:
+                supported = ", ".join(["paths", "index_mapping_dir", "tokenizer", "seq_length", "split", "splits_to_build", "seed",
+                                       "num_val_samples" if section == "validation_dataset" else "num_train_samples"])
+                raise self.error(f"{section}.{key}", f"not supported (supported: {supported})")
+
+    def tokenizer(self, section: str, value) -> str:
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, dict):
+            raise self.error(f"{section}.tokenizer", "a name, a directory, or {_target_, pretrained_model_name_or_path} is expected")
+        self.target(f"{section}.tokenizer", value, f"{section}.tokenizer", TARGETS["tokenizer"])
+        extra = [k for k in value if k not in ("_target_", "pretrained_model_name_or_path")]
+        if extra:
+            raise self.error(f"{section}.tokenizer.{extra[0]}", "not supported (supported: pretrained_model_name_or_path)")
+        name = value.get("pretrained_model_name_or_path")
+        if not name:
+            raise self.error(f"{section}.tokenizer.pretrained_model_name_or_path", "missing")
+        return str(name)

@@ -1,0 +1,339 @@
+"""Everything a run needs before its first step, in the order it is built: batches, mesh, model config
+(checked before any data work), data, model and optimizer (built sharded), and the resumed state.
+
+`setup(cfg)` returns a `Run`; `jaxpretrain.train.loop` takes it from there. The benchmark reuses
+`make_mesh`, `plan_batches` and `build_training` to time the same step on synthetic tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+import jaxpretrain.model as M
+from jaxpretrain import parallel
+from jaxpretrain.data import build_gpt_datasets
+from jaxpretrain.data.loader import Loader, make_loader
+from jaxpretrain.errors import UserError
+from jaxpretrain.train import schedule as schedule_lib
+from jaxpretrain.train.checkpoint import TrainCheckpointer
+from jaxpretrain.train.optim import build_optimizer
+from jaxpretrain.train.step import make_eval_step, make_train_step
+
+log = logging.getLogger("jaxpretrain")
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's samples divide over data-parallel ranks and micro-batches."""
+
+    global_batch_size: int
+    local_batch_size: int
+    dp_size: int
+    grad_accum: int
+    max_steps: int
+    train_samples: int
+    val_samples: int
+    val_batch_size: int
+
+
+def plan_batches(cfg, dp_size: int) -> BatchPlan:
+    ss = cfg.step_scheduler
+    g, l = int(ss.global_batch_size), int(ss.local_batch_size)
+    if g <= 0 or l <= 0 or g % (l * dp_size):
+        raise UserError(
+            f"step_scheduler.global_batch_size: {g} is not a multiple of local_batch_size ({l}) x "
+            f"data-parallel size ({dp_size})"
+        )
+    if ss.max_steps <= 0:
+        raise UserError("step_scheduler.max_steps: must be positive")
+    train_samples = cfg.dataset.num_train_samples or ss.max_steps * g
+    val_samples = cfg.validation_dataset.num_val_samples or (ss.max_steps // ss.val_every_steps) * g
+    val_batch = cfg.validation_dataset.global_batch_size or l * dp_size
+    if val_batch % dp_size:
+        raise UserError(f"validation_dataset.global_batch_size: {val_batch} is not a multiple of dp size {dp_size}")
+    if 0 < val_samples < val_batch:
+        raise UserError(f"validation_dataset.num_val_samples: {val_samples} is fewer than one validation batch ({val_batch})")
+    return BatchPlan(g, l, dp_size, g // (l * dp_size), int(ss.max_steps), int(train_samples), int(val_samples), int(val_batch))
+
+
+# ------------------------------------------------------------------------------------------------- mesh
+
+
+def make_mesh(cfg):
+    d = cfg.distributed
+    if d.cp_size != 1 or d.sequence_parallel:
+        raise UserError("distributed.cp_size / sequence_parallel: context and sequence parallelism are not supported")
+    devices = jax.devices()
+    if d.dp_size is not None and d.dp_size * d.tp_size < len(devices):
+        # A smaller run on the first devices (one process only: every process must own mesh devices).
+        if jax.process_count() > 1:
+            raise UserError(f"distributed.dp_size: {d.dp_size} x tp_size {d.tp_size} must use all {len(devices)} devices of a multi-process run")
+        devices = devices[: d.dp_size * d.tp_size]
+    return parallel.make_mesh(
+        dp_replicate_size=int(d.dp_replicate_size), dp_shard_size=_shard_size(d), tp_size=int(d.tp_size), devices=devices
+    )
+
+
+def _shard_size(d) -> int | None:
+    """distributed.dp_size (None: fill) divided into replicate groups: the FSDP shard size."""
+    if d.dp_size is None:
+        return None
+    if d.dp_size % d.dp_replicate_size:
+        raise UserError(f"distributed.dp_size: {d.dp_size} is not a multiple of dp_replicate_size {d.dp_replicate_size}")
+    return d.dp_size // d.dp_replicate_size
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+# Fields of the `model` section that are ours; every other field is an override of the HF config
+# (GPT-2's n_layer, Llama's hidden_size, ...), passed to the family's config_from.
+MODEL_OPTIONS = (
+    "pretrained_model_name_or_path", "dtype", "attention_impl", "vocab_multiple", "remat", "remat_policy", "scan_layers",
+    "load_weights", "dropout",
+)
+
+
+def model_config(cfg):
+    """The HF config of the model to train: `model.pretrained_model_name_or_path` plus the section's
+    config overrides, validated by its family, and long enough for `dataset.seq_length`."""
+    m = cfg.model
+    overrides = {k: v for k, v in m.items() if k not in MODEL_OPTIONS and v is not None}
+    hf_config = M.config_from(m.pretrained_model_name_or_path, dropout=m.dropout, **overrides)
+    limit = M.family_of(hf_config).max_positions(hf_config)
+    for section in ("dataset", "validation_dataset"):
+        seq = cfg[section].seq_length
+        if seq is not None and limit < seq:
+            raise UserError(f"{section}.seq_length: {seq} exceeds the model's maximum positions ({limit})")
+    return hf_config
+
+
+def model_options(cfg) -> dict:
+    """The keyword arguments every family's model class takes, from the `model` section."""
+    import jax.numpy as jnp
+
+    return dict(
+        dtype=jnp.dtype(cfg.model.dtype),
+        attention_impl=cfg.model.attention_impl,
+        vocab_multiple=int(cfg.model.vocab_multiple),
+        remat=(cfg.model.get("remat_policy") or True) if cfg.model.remat else False,
+        scan_layers=bool(cfg.model.get("scan_layers", False)),
+    )
+
+
+def build_model(cfg, hf_config, mesh):
+    kw = model_options(cfg)
+    if cfg.model.load_weights:
+        return M.from_pretrained(cfg.model.pretrained_model_name_or_path, mesh=mesh, config=hf_config, **kw)
+    return M.create_model(hf_config, mesh=mesh, seed=int(cfg.rng.seed), **kw)
+
+
+@dataclasses.dataclass
+class Training:
+    """Everything a train step needs, shared by the recipe and the benchmark."""
+
+    hf_config: object
+    graphdef: object
+    rest: object
+    state: dict
+    state_shardings: dict
+    lr_schedule: schedule_lib.LRSchedule
+    train_step: object
+    eval_step: object
+    n_params: int
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return M.flops_per_token(self.hf_config, seq_len)
+
+
+def loss_chunk_size(cfg) -> int:
+    """loss_fn.chunk_size, checked: sequence positions per chunk of the chunked loss (0: the plain loss)."""
+    chunk = cfg.loss_fn.get("chunk_size", 0) or 0
+    if not isinstance(chunk, int) or chunk < 0:
+        raise UserError(f"loss_fn.chunk_size: must be a whole number >= 0 (0: the plain loss), got {chunk!r}")
+    return chunk
+
+
+def build_training(cfg, mesh, plan: BatchPlan, hf_config=None) -> Training:
+    hf_config = hf_config or model_config(cfg)
+    model = build_model(cfg, hf_config, mesh)
+    n_params = M.param_count(model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    del model
+    lr_schedule = schedule_lib.from_config(cfg)
+    optimizer = build_optimizer(cfg, lr_schedule)
+    param_shardings = jax.tree.map(lambda a: a.sharding, params)
+    # AdamW's moments take their parameter's sharding; scalars (the update count) are replicated.
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params), param_shardings,
+        transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()),
+    )
+    state = {"params": params, "opt_state": jax.jit(optimizer.init, out_shardings=opt_shardings)(params)}
+    state_shardings = {"params": param_shardings, "opt_state": opt_shardings}
+    batch_sharding = parallel.batch_sharding(mesh)
+    train_step = make_train_step(
+        graphdef, rest, optimizer, mesh=mesh, data_axes=parallel.DATA_AXES, grad_accum=plan.grad_accum,
+        max_grad_norm=float(cfg.optimizer.max_grad_norm), dropout_seed=int(cfg.rng.seed),
+        deterministic=not M.family_of(hf_config).dropout_active(hf_config), state_shardings=state_shardings,
+        batch_sharding=batch_sharding, loss_chunk_size=loss_chunk_size(cfg),
+    )
+    eval_step = make_eval_step(
+        graphdef, rest, mesh=mesh, param_shardings=param_shardings, batch_sharding=batch_sharding,
+        loss_chunk_size=loss_chunk_size(cfg),
+    )
+    return Training(hf_config, graphdef, rest, state, state_shardings, lr_schedule, train_step, eval_step, n_params)
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class Data:
+    train: object  # the train dataset (sample i = Megatron's sample i)
+    validation: object | None
+    loader: Loader  # this process's share of every train batch, in the sampler's order
+    steps_per_epoch: int
+    total_steps: int  # max_steps, or fewer when num_epochs runs out first
+
+
+def build_data(cfg, plan: BatchPlan) -> Data:
+    from jaxpretrain.config.overrides import plain
+
+    ds_cfg, val_cfg = cfg.dataset, cfg.validation_dataset
+    train_ds = build_gpt_datasets(
+        plain(ds_cfg.paths), seq_length=ds_cfg.seq_length, split=ds_cfg.split, seed=ds_cfg.seed,
+        num_samples=(plan.train_samples, 0, 0), cache_dir=ds_cfg.index_mapping_dir,
+    )[0]
+    val_ds = None
+    if plan.val_samples and cfg.step_scheduler.val_every_steps:
+        val_ds = build_gpt_datasets(
+            plain(val_cfg.paths), seq_length=val_cfg.seq_length, split=val_cfg.split, seed=val_cfg.seed,
+            num_samples=(0, plan.val_samples, 0), cache_dir=val_cfg.index_mapping_dir,
+        )[1]
+    steps_per_epoch = len(train_ds) // plan.global_batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"dataset.paths: {len(train_ds)} train samples do not fill one global batch of {plan.global_batch_size}")
+    total_steps = min(plan.max_steps, steps_per_epoch * int(cfg.step_scheduler.num_epochs))
+    loader = make_loader(
+        train_ds, global_batch_size=plan.global_batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_batches=total_steps, worker_count=int(ds_cfg.worker_count), repeat=True,
+    )
+    return Data(train_ds, val_ds, loader, steps_per_epoch, total_steps)
+
+
+def validation_loader(data: Data, plan: BatchPlan) -> Loader:
+    """A fresh pass over the validation samples (the same ones every time, as the seed evaluates)."""
+    return make_loader(
+        data.validation, global_batch_size=plan.val_batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_batches=plan.val_samples // plan.val_batch_size,
+    )
+
+
+# -------------------------------------------------------------------------------------------------- run
+
+
+@dataclasses.dataclass
+class Run:
+    """A run ready for its first step: what `jaxpretrain.train.loop.train` takes."""
+
+    cfg: object
+    mesh: jax.sharding.Mesh
+    plan: BatchPlan
+    data: Data
+    training: Training
+    state: dict  # {"params", "opt_state"}: restored when resuming
+    data_iter: object  # the train loader's iterator, at the resumed position
+    checkpointer: TrainCheckpointer | None
+    start_step: int  # the last completed step (0: a fresh run)
+    config_source: str  # what --config named, for the log
+    hellaswag_items: list | None = None  # eval.hellaswag_path's items, read (and checked) before any data work
+
+
+def setup(cfg, source: str | None = None) -> Run:
+    """Mesh, batches, model config, LR schedule and the checkpoint's model shape first (a bad config
+    fails in a second, before any data or compile work), then data, the sharded model and optimizer,
+    and the newest checkpoint if any."""
+    mesh = make_mesh(cfg)
+    plan = plan_batches(cfg, parallel.data_parallel_size(mesh))
+    hf_config = model_config(cfg)
+    build_optimizer(cfg, schedule_lib.from_config(cfg))  # schedule and optimizer mistakes: one line, now
+    loss_chunk_size(cfg)
+    if cfg.checkpoint.enabled:
+        check_resumable(cfg, hf_config)
+    hellaswag_items = None
+    if cfg.eval.hellaswag_path:
+        from jaxpretrain.evaluation import hellaswag
+
+        hellaswag_items = hellaswag.load_items(cfg.eval.hellaswag_path, cfg.eval.hellaswag_limit)
+    data = build_data(cfg, plan)
+    training = build_training(cfg, mesh, plan, hf_config)
+    state, data_iter = training.state, iter(data.loader)
+    ckpt, start_step = None, 0
+    if cfg.checkpoint.enabled:
+        ckpt = TrainCheckpointer(
+            cfg.checkpoint.checkpoint_dir, max_to_keep=int(cfg.checkpoint.max_to_keep), async_save=bool(cfg.checkpoint.async_save)
+        )
+        latest = ckpt.latest_step()
+        if latest is not None:
+            restored = ckpt.restore(latest, params=state["params"], opt_state=state["opt_state"], data_iterator=data_iter)
+            state = {"params": restored["params"], "opt_state": restored["opt_state"]}
+            start_step = latest
+            log.info("Resumed from %s at step %d", os.path.join(ckpt.directory, str(latest)), latest)
+    training.state = None  # the Run's state is the one to use (the initial one may have been donated)
+    return Run(cfg, mesh, plan, data, training, state, data_iter, ckpt, start_step, source or "(a config object)", hellaswag_items)
+
+
+def check_resumable(cfg, hf_config) -> None:
+    """A checkpoint in checkpoint_dir must hold the model this config builds: name the first field
+    that differs (from the checkpoint's own record of its config) instead of failing inside Orbax."""
+    directory = cfg.checkpoint.checkpoint_dir
+    if not os.path.isdir(directory):
+        return
+    ckpt = TrainCheckpointer(directory, read_only=True)
+    try:
+        latest = ckpt.latest_step()
+        if latest is None:
+            return
+        meta = ckpt.restore_meta(latest)
+    finally:
+        ckpt.close()
+    theirs = M.config_from(meta["model_config"])
+    ours_shapes = _param_shapes(hf_config, int(cfg.model.vocab_multiple))
+    theirs_shapes = _param_shapes(theirs, int(meta["config"]["model"].get("vocab_multiple", 1)))
+    if ours_shapes == theirs_shapes:
+        return
+    hint = f"resume needs the same model; for a new run use another checkpoint.checkpoint_dir (not {directory})"
+    mine, saved = hf_config.to_dict(), theirs.to_dict()
+    if M.family_of(hf_config) is not M.family_of(theirs):
+        raise UserError(f"model: the checkpoint at {directory}/{latest} is a {saved.get('model_type')} model, this config a {mine.get('model_type')}; {hint}")
+    ignore = {"architectures", "transformers_version", "_name_or_path"}
+    for key in sorted(set(mine) | set(saved)):
+        if key not in ignore and mine.get(key) != saved.get(key) and _affects_shapes(hf_config, key, saved.get(key), cfg):
+            raise UserError(
+                f"model.{key}: the checkpoint at {directory}/{latest} has {key}={saved.get(key)!r}, this config {mine.get(key)!r}; {hint}"
+            )
+    vm = meta["config"]["model"].get("vocab_multiple")
+    raise UserError(f"model.vocab_multiple: the checkpoint at {directory}/{latest} has {vm}, this config {cfg.model.vocab_multiple}; {hint}")
+
+
+def _param_shapes(hf_config, vocab_multiple: int) -> dict:
+    _, abstract = M.abstract_model(hf_config, vocab_multiple=vocab_multiple)
+    return {path: tuple(v.shape) for path, v in nnx.to_flat_state(abstract)}
+
+
+def _affects_shapes(hf_config, key, value, cfg) -> bool:
+    """Whether setting `key` to the checkpoint's value changes the parameter shapes of this config."""
+    trial = M.config_from(hf_config.to_dict())
+    try:
+        setattr(trial, key, value)
+        return _param_shapes(trial, int(cfg.model.vocab_multiple)) != _param_shapes(hf_config, int(cfg.model.vocab_multiple))
+    except Exception:  # a value this config class cannot take: it differs, and it matters
+        return True

@@ -1,0 +1,132 @@
+"""What a user sees when running the seed's YAML, JSON blends on the command line, and every natural
+mistake: each mistake is one `error:` line naming the field or file, exit status 2, no traceback, and
+nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from test_config import seed_yaml_with_paths
+from test_train import STEP_LINE, VAL_LINE, as_flags, python, tiny_overrides, token_glob  # noqa: F401
+
+SMALL = [
+    "--config.model.n_layer=2", "--config.model.n_embd=64", "--config.model.n_head=4", "--config.model.n_positions=64",
+    "--config.model.dtype=float32", "--config.model.dropout=0.0", "--config.dataset.seq_length=32",
+    "--config.dataset.split=0.9,0.1,0.0", "--config.step_scheduler.global_batch_size=8",
+    "--config.step_scheduler.local_batch_size=4", "--config.step_scheduler.max_steps=4",
+    "--config.step_scheduler.val_every_steps=2", "--config.step_scheduler.ckpt_every_steps=4",
+    "--config.validation_dataset.num_val_samples=8", "--config.lr_scheduler.lr_warmup_steps=1",
+]
+
+
+def one_error_line(r, expected: str, exit_code: int = 2):
+    assert r.returncode == exit_code, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr + r.stdout
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, r.stderr[-2000:]
+    assert expected in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def yaml_run(token_glob, tmp_path_factory):
+    """The seed's YAML (paths replaced) trains a few steps with small-shape overrides."""
+    tmp = tmp_path_factory.mktemp("yaml")
+    recipe = seed_yaml_with_paths(tmp, token_glob, str(tmp / "mapping_dir"))
+    ckpt = str(tmp / "checkpoints")
+    r = python("-m", "jaxpretrain.train", "--config", recipe, *SMALL, f"--config.checkpoint.checkpoint_dir={ckpt}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return recipe, ckpt, r
+
+
+def test_seed_yaml_trains_and_reports(yaml_run):
+    recipe, ckpt, r = yaml_run
+    assert [int(m.group(1)) for m in map(STEP_LINE.search, r.stdout.splitlines()) if m] == [1, 2, 3, 4]
+    assert [int(m.group(1)) for m in map(VAL_LINE.search, r.stdout.splitlines()) if m] == [2, 4]
+    # One note for the keys that do not apply to JAX.
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "dist_env.backend" in notes[0] and "dataloader.collate_fn" in notes[0]
+    # What a person wants to see: where things go, each checkpoint, and a summary at the end.
+    out = r.stdout
+    assert f"Checkpoint saved: step 4 -> {ckpt}/4" in out
+    assert "Logs: " in out and "TensorBoard" in out and "Validation data: the same files" in out
+    assert "Summary: Finished at step 4 of 4" in out and "val loss" in out
+    assert f"python -m jaxpretrain.export --checkpoint-dir {ckpt}" in out
+    assert "Recipe config:" not in out  # the full config goes to the run directory instead
+    # The effective config: every field, and --config takes it back to the same config.
+    from jaxpretrain.config import cli, finalize
+    from jaxpretrain.config.overrides import plain
+
+    effective = os.path.join(ckpt, "logs", "config.yaml")
+    again = cli.parse(["--config", effective], prog="", description="")
+    direct = cli.parse(["--config", recipe, *SMALL, f"--config.checkpoint.checkpoint_dir={ckpt}"], prog="", description="")
+    assert plain(finalize(again.cfg)) == plain(finalize(direct.cfg))
+
+
+def test_json_list_and_dict_on_the_command_line_train(token_glob, tmp_path):
+    prefixes = sorted({p[: -len(".bin")] for p in __import__("glob").glob(token_glob) if p.endswith(".bin")})
+    assert len(prefixes) == 2
+    blend = json.dumps(["30", prefixes[0], "70", prefixes[1]])
+    per_split = json.dumps({"validation": [prefixes[1]]})
+    o = tiny_overrides(token_glob, str(tmp_path / "ckpt"), **{"step_scheduler.max_steps": 2, "step_scheduler.val_every_steps": 2, "lr_scheduler.lr_warmup_steps": 1})
+    del o["dataset.paths"], o["validation_dataset.paths"]
+    r = python("-m", "jaxpretrain.train", *as_flags(o), f"--config.dataset.paths={blend}", f"--config.validation_dataset.paths={per_split}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Train data: 2 file(s)" in r.stdout and "Validation data: 1 file(s)" in r.stdout
+    assert [int(m.group(1)) for m in map(VAL_LINE.search, r.stdout.splitlines()) if m] == [2]
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (["--config.lr_scheduler.lr_warmup_steps=50", "--config.step_scheduler.max_steps=40"],
+         "lr_scheduler.lr_warmup_steps: 50 is not below the decay steps (40"),
+        (["--config.lr_scheduler.lr_decay_style=cosin"], "lr_scheduler.lr_decay_style: 'cosin' is not one of cosine, linear"),
+        (["--config.step_scheduler.max_step=5"],
+         "no such config field step_scheduler.max_step; did you mean --config.step_scheduler.max_steps?"),
+        (["--config.optimizer.name=sgd"], "optimizer.name: 'sgd' is not supported"),
+    ],
+)
+def test_config_mistakes(flags, expected, token_glob, tmp_path):
+    o = tiny_overrides(token_glob, str(tmp_path / "ckpt"))
+    r = python("-m", "jaxpretrain.train", *as_flags(o), *flags, timeout=300)
+    one_error_line(r, expected)
+    assert not os.path.exists(tmp_path / "ckpt")
+
+
+def test_missing_config_file_and_unknown_preset():
+    one_error_line(python("-m", "jaxpretrain.train", "--config", "configs/nope.py"), "--config configs/nope.py: no such config file")
+    line = one_error_line(python("-m", "jaxpretrain.train", "--config", "configs/gpt2.py:huge"), "unknown preset 'huge'")
+    assert "124m" in line and "tiny" in line
+    one_error_line(python("-m", "jaxpretrain.train", "--config", "missing.yaml"), "--config missing.yaml: no such config file")
+
+
+def test_resume_with_another_model_shape_names_the_field(yaml_run):
+    recipe, ckpt, _ = yaml_run
+    flags = [f for f in SMALL if "n_layer" not in f] + ["--config.model.n_layer=3", f"--config.checkpoint.checkpoint_dir={ckpt}"]
+    r = python("-m", "jaxpretrain.train", "--config", recipe, *flags)
+    line = one_error_line(r, "model.n_layer: the checkpoint at")
+    assert "n_layer=2" in line and "this config 3" in line and "checkpoint.checkpoint_dir" in line
+    assert "Datasets:" not in r.stdout  # failed before any data work
+
+
+def test_preprocess_without_the_key_lists_keys_and_writes_nothing(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps({"content": f"doc {i}", "url": "u"}) for i in range(5)) + "\n")
+    out = tmp_path / "out"
+    r = python("-m", "jaxpretrain.preprocess", "--input", str(src), "--json-keys", "text", "--output-prefix", "p",
+               "--output-path", str(out), "--workers", "1")
+    line = one_error_line(r, "no row has the key 'text'")
+    assert "'content'" in line and "'url'" in line and str(src) in line
+    assert not out.exists() or os.listdir(out) == []
+
+
+def test_export_of_a_step_directory_says_use_step(yaml_run, tmp_path):
+    _, ckpt, _ = yaml_run
+    r = python("-m", "jaxpretrain.export", "--checkpoint-dir", os.path.join(ckpt, "4"), "--output", str(tmp_path / "hf"))
+    line = one_error_line(r, "is one checkpoint (step 4)")
+    assert f"--checkpoint-dir {ckpt} --step 4" in line
+    assert not (tmp_path / "hf").exists()

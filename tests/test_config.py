@@ -1,0 +1,157 @@
+"""The config layer: presets, NeMo's recipe YAML as is, overrides (JSON lists and dicts), `--help`,
+and the effective config a run writes, which `--config` takes back."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from jaxpretrain.config import cli, finalize
+from jaxpretrain.config.overrides import leaf_paths, plain
+from jaxpretrain.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEED_YAML = os.path.join(ROOT, "configs", "megatron_pretrain_gpt2.yaml")  # verbatim from the seed document
+
+
+def parse(*argv):
+    parsed = cli.parse(list(argv), prog="python -m jaxpretrain.train", description="")
+    finalize(parsed.cfg)
+    return parsed
+
+
+def seed_yaml_with_paths(tmp_path, paths: str, mapping_dir: str) -> str:
+    """The seed's YAML with only its two `# REPLACE THIS` values replaced, as the guide tells users."""
+    text = open(SEED_YAML).read()
+    assert text.count("# REPLACE THIS") == 4
+    text = re.sub(r"paths: \S+  # REPLACE THIS", f"paths: {paths}  # REPLACE THIS", text)
+    text = re.sub(r"index_mapping_dir: \S+  # REPLACE THIS", f"index_mapping_dir: {mapping_dir}  # REPLACE THIS", text)
+    out = tmp_path / "megatron_pretrain_gpt2.yaml"
+    out.write_text(text)
+    return str(out)
+
+
+def test_seed_yaml_is_the_124m_preset_field_for_field():
+    yaml_cfg = plain(parse("--config", SEED_YAML).cfg)
+    preset = plain(parse("--config", "configs/gpt2.py:124m").cfg)
+    assert yaml_cfg == preset
+    # And the values are the seed's (not just equal to each other).
+    assert preset["step_scheduler"] == {
+        "global_batch_size": 512, "local_batch_size": 32, "ckpt_every_steps": 1000, "val_every_steps": 250,
+        "num_epochs": 1, "max_steps": 18500,
+    }
+    assert (preset["optimizer"]["lr"], preset["optimizer"]["betas"], preset["optimizer"]["weight_decay"]) == (6e-4, [0.9, 0.95], 0.1)
+    assert (preset["lr_scheduler"]["lr_warmup_steps"], preset["rng"]["seed"]) == (700, 1111)
+    assert preset["validation_dataset"]["num_val_samples"] == 1024 and preset["distributed"]["dp_size"] is None
+
+
+def test_yaml_overrides_and_torch_defaults(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(
+        "model:\n  config:\n    pretrained_model_name_or_path: gpt2\n    n_layer: 3\n"
+        "optimizer:\n  _target_: torch.optim.AdamW\n  lr: 0.001\n"
+        "dataloader:\n  num_workers: 2\n"
+    )
+    cfg = parse("--config", str(p), "--config.optimizer.lr=2e-3", "--config.model.n_embd=64").cfg
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.optimizer.lr) == (3, 64, 2e-3)
+    # Arguments torch.optim.AdamW leaves to its defaults take torch's defaults, as in NeMo.
+    assert (tuple(cfg.optimizer.betas), cfg.optimizer.weight_decay) == ((0.9, 0.999), 0.01)
+    assert cfg.dataset.worker_count == 2
+
+
+@pytest.mark.parametrize(
+    "yaml_text,expected",
+    [
+        ("model:\n  config:\n    pretrained_model_name_or_path: gpt2\noptimizer:\n  _target_: torch.optim.SGD\n",
+         "optimizer._target_: 'torch.optim.SGD' is not supported (supported: torch.optim.AdamW)"),
+        ("model:\n  config:\n    pretrained_model_name_or_path: gpt2\npeft:\n  dim: 8\n", "peft: section not supported"),
+        ("model:\n  config:\n    pretrained_model_name_or_path: gpt2\nstep_scheduler:\n  max_step: 5\n",
+         "step_scheduler.max_step: not supported (supported: global_batch_size"),
+        ("model:\n  config:\n    pretrained_model_name_or_path: gpt2\n    n_layers: 5\n", "model.config.n_layers: not a model field"),
+        ("model:\n  config:\n    pretrained_model_name_or_path: gpt2\ndataset:\n  splits_to_build: validation\n",
+         "dataset.splits_to_build: 'validation': this section builds 'train'"),
+        ("model: [1\n", "not valid YAML"),
+    ],
+)
+def test_yaml_mistakes_name_the_key(tmp_path, yaml_text, expected):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml_text)
+    with pytest.raises(UserError, match=re.escape(expected)):
+        parse("--config", str(p))
+
+
+def test_overrides_are_typed_and_json_lists_and_dicts_parse():
+    blend = '["30", "a/p_0_text_document", "70", "a/p_1_text_document"]'
+    split = '{"train": ["a/p_0_text_document"], "validation": ["a/p_1_text_document"]}'
+    cfg = parse(
+        "--config", "configs/gpt2.py:tiny", f"--config.dataset.paths={blend}", "--config.validation_dataset.paths", split,
+        "--config.optimizer.betas=0.8,0.9", "--config.distributed.dp_size=none", "--config.checkpoint.async_save=false",
+        "--config.optimizer.lr=1",
+    ).cfg
+    assert plain(cfg.dataset.paths) == ["30", "a/p_0_text_document", "70", "a/p_1_text_document"]
+    assert plain(cfg.validation_dataset.paths) == {"train": ["a/p_0_text_document"], "validation": ["a/p_1_text_document"]}
+    assert tuple(cfg.optimizer.betas) == (0.8, 0.9) and cfg.distributed.dp_size is None
+    assert cfg.checkpoint.async_save is False and cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)
+
+
+def test_validation_fields_default_to_the_train_section():
+    cfg = parse("--config", "configs/gpt2.py:tiny", "--config.dataset.paths=other/*", "--config.dataset.seq_length=64").cfg
+    v = cfg.validation_dataset
+    assert (v.paths, v.index_mapping_dir, v.seq_length, v.split) == ("other/*", cfg.dataset.index_mapping_dir, 64, cfg.dataset.split)
+    cfg = parse("--config", "configs/gpt2.py:tiny", "--config.validation_dataset.paths=val/*").cfg
+    assert cfg.validation_dataset.paths == "val/*" and cfg.dataset.paths != "val/*"
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--config.step_scheduler.max_step=5"], "--config.step_scheduler.max_step: no such config field step_scheduler.max_step; did you mean --config.step_scheduler.max_steps?"),
+        (["--config.model.seq_length=5"], "did you mean --config.dataset.seq_length?"),
+        (["--config.step_scheduler.max_steps=many"], "--config.step_scheduler.max_steps: 'many' is not a whole number"),
+        (["--config.dataset.paths=[1, 2"], "--config.dataset.paths: '[1, 2' is not valid JSON"),
+        (["--steps=3"], "--steps=3: unknown flag"),
+    ],
+)
+def test_override_mistakes(argv, expected):
+    with pytest.raises(UserError) as e:
+        parse("--config", "configs/gpt2.py:tiny", *argv)
+    assert expected in str(e.value) and "\\'" not in str(e.value)
+
+
+def test_help_lists_every_field_with_its_default_without_importing_jax():
+    code = (
+        "import sys\n"
+        "from jaxpretrain.train.__main__ import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "assert 'jax' not in sys.modules and 'transformers' not in sys.modules, 'help imported jax/transformers'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    cfg = cli.parse(["--config", "configs/gpt2.py"], prog="", description="").cfg  # as the file defines it
+    for path in leaf_paths(cfg):
+        *parents, name = path.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        line = f"{path} = {cli._show(node[name])}"
+        assert line in r.stdout, line
+    assert "124m" in r.stdout and "tiny" in r.stdout  # the presets
+    # Each field's comment from the config file follows it.
+    assert "Tokens per sample (the model sees seq_length inputs" in r.stdout
+    assert "GPT-2 shape overrides on top of that config" in r.stdout
+
+
+def test_every_cli_answers_help_fast():
+    for module in ("train", "bench", "export", "generate", "preprocess"):
+        code = (
+            "import runpy, sys\n"
+            f"sys.argv = ['x', '--help']\n"
+            f"try:\n    runpy.run_module('jaxpretrain.{module}', run_name='__main__')\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "assert 'jax' not in sys.modules, 'imported jax before printing help'\n"
+        )
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "usage:" in r.stdout, (module, r.stdout[-500:], r.stderr[-2000:])
