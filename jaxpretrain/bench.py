@@ -140,13 +140,13 @@ def bench(cfg, args) -> dict:
         state, m = compiled(state, batch, jnp.int32(step))
         step += 1
     jax.block_until_ready(state)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         state, m = compiled(state, batch, jnp.int32(step))
         step += 1
     m = jax.device_get(m)
     jax.block_until_ready(state)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
 
     n_dev = jax.device_count()
     tps = args.steps * plan.global_batch_size * seq / elapsed
@@ -166,6 +166,8 @@ def bench(cfg, args) -> dict:
         "compile_s": compile_s,
         "steps": args.steps,
         "step_ms": 1000 * elapsed / args.steps,
+        # CPU seconds of this process per step (all threads): on a shared CPU host, steadier than wall time.
+        "cpu_ms_per_step": 1000 * cpu_s / args.steps,
         "tokens_per_s": tps,
         "tokens_per_s_per_device": tps / n_dev,
         "flops_per_token": fpt,

@@ -118,12 +118,12 @@ def bench(cfg, args) -> dict:
     for _ in range(max(args.warmup - 1, 0)):
         train_step()
     sync()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         loss, _ = train_step()
     loss = float(loss)
     sync()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
 
     tps = args.steps * global_batch * seq / elapsed
     kind = torch.cuda.get_device_name() if on_gpu else "cpu"
@@ -147,6 +147,7 @@ def bench(cfg, args) -> dict:
         "compile_s": compile_s,
         "steps": args.steps,
         "step_ms": 1000 * elapsed / args.steps,
+        "cpu_ms_per_step": 1000 * cpu_s / args.steps,
         "tokens_per_s": tps,
         "tokens_per_s_per_device": tps,
         "flops_per_token": fpt,

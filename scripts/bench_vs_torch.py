@@ -65,7 +65,8 @@ def main() -> None:
         for name, cmd in (("jaxpretrain", ours_cmd), ("torch", torch_cmd)) if i % 2 == 0 else (("torch", torch_cmd), ("jaxpretrain", ours_cmd)):
             r = run(cmd, args.timeout)
             results[name].append(r)
-            print(f"round {i + 1} {name}: {r['tokens_per_s']:.1f} tokens/s, step {r['step_ms']:.0f} ms, loss {r['loss']:.4f}", flush=True)
+            print(f"round {i + 1} {name}: {r['tokens_per_s']:.1f} tokens/s, step {r['step_ms']:.0f} ms "
+                  f"(CPU {r['cpu_ms_per_step']:.0f} ms), loss {r['loss']:.4f}", flush=True)
 
     med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in results.items()}
     first = results["jaxpretrain"][0]
@@ -74,15 +75,18 @@ def main() -> None:
     print(f"shape: {first['params']:,} params, batch {first['global_batch']} x {first['seq']}, "
           f"grad_accum {first['grad_accum']}; {args.rounds} rounds x {args.steps} timed steps")
     print()
-    print("| | tokens/s (median) | all rounds | step (median) | peak mem | loss |")
-    print("|---|---|---|---|---|---|")
+    print("| | tokens/s (median) | all rounds | step (median) | CPU s per step (median) | peak mem | loss |")
+    print("|---|---|---|---|---|---|---|")
     for name, rs in results.items():
         step = statistics.median(r["step_ms"] for r in rs)
+        cpu = statistics.median(r["cpu_ms_per_step"] for r in rs) / 1000
         opts = ", ".join(f"{k} {v}" for k, v in rs[0]["options"].items())
         rounds = ", ".join(f"{r['tokens_per_s']:,.0f}" for r in rs)
         print(f"| {name} ({opts}) | {med[name]:,.0f} | {rounds} | "
-              f"{step:,.0f} ms | {max(r['peak_mem_gib'] for r in rs):.2f} GiB | {rs[0]['loss']:.4f} |")
+              f"{step:,.0f} ms | {cpu:.1f} | {max(r['peak_mem_gib'] for r in rs):.2f} GiB | {rs[0]['loss']:.4f} |")
     print()
+    cpu = {k: statistics.median(r["cpu_ms_per_step"] for r in v) for k, v in results.items()}
+    print(f"CPU time per step: torch / jaxpretrain = {cpu['torch'] / cpu['jaxpretrain']:.2f}x")
     print(f"speedup {med['jaxpretrain'] / med['torch']:.2f}x")
 
 
