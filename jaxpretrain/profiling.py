@@ -124,3 +124,36 @@ def format_top_ops(ops: list[OpTime], total_ms: float, steps: int, categories: d
     if categories:
         lines += ["", "By kind: " + ", ".join(f"{k} {v / steps:.1f} ms ({100 * v / total_ms:.0f}%)" for k, v in categories.items())]
     return "\n".join(lines)
+
+
+def module_runs(trace_dir: str, module: str) -> list[tuple[int, int]]:
+    """(start_ns, end_ns) of every execution of the XLA module whose name contains `module`, in order.
+
+    GPU: the device plane's "XLA Modules" line has one event per execution. CPU: an execution is the
+    span of the op events sharing its `run_id`.
+    """
+    import jax
+
+    data = jax.profiler.ProfileData.from_file(find_xplane(trace_dir))
+    runs = [
+        (e.start_ns, e.end_ns)
+        for plane in data.planes if plane.name.startswith("/device:")
+        for line in plane.lines if line.name == "XLA Modules"
+        for e in line.events if module in e.name
+    ]
+    if not runs:
+        spans: dict[int, list[int]] = {}
+        for plane in data.planes:
+            for line in plane.lines:
+                for e in line.events:
+                    stats = dict(e.stats or ())
+                    if "run_id" in stats and module in str(stats.get("hlo_module", "")):
+                        span = spans.setdefault(int(stats["run_id"]), [e.start_ns, e.end_ns])
+                        span[0], span[1] = min(span[0], e.start_ns), max(span[1], e.end_ns)
+        runs = [tuple(s) for s in spans.values()]
+    return sorted(runs)
+
+
+def gaps_between(runs: list[tuple[int, int]]) -> list[float]:
+    """Idle time (ms) between consecutive executions: next start minus previous end."""
+    return [(b[0] - a[1]) / 1e6 for a, b in zip(runs, runs[1:])]
