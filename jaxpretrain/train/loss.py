@@ -7,7 +7,7 @@ again by softmax, its gradient and two matmuls. Here the sequence is cut into ch
 
   forward   logits_c = h_c @ W^T (compute dtype in, float32 accumulation), logsumexp, label logit;
             under differentiation also softmax_c = exp(logits_c - lse), dlogits_c = softmax_c -
-            onehot, dh_c = dlogits_c @ W and dW += dlogits_c^T @ h_c (float32), kept as residuals.
+            onehot, dh_c = dlogits_c @ W and dW^T += h_c^T @ dlogits_c (float32), kept as residuals.
   backward  dh and dW scaled by the incoming cotangent g (the loss is a sum: its VJP is g x grad).
 
 So the largest live buffer is one chunk's float32 logits [B, chunk, V], and the head's matmuls are
@@ -86,12 +86,12 @@ def _from_chunks(x: jax.Array, t: int) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(b, n * chunk, *x.shape[3:])[:, :t]
 
 
-def _chunk_logits(h_c, w, vocab_size):
-    """float32 logits [B, chunk, V_padded] with padded vocabulary columns at -inf."""
-    logits = jnp.einsum("bcd,vd->bcv", h_c, w, preferred_element_type=jnp.float32)
+def _chunk_logits(h_c, wt, vocab_size):
+    """float32 logits [B, chunk, V_padded] from W^T [D, V_padded], padded vocabulary columns at -inf."""
+    logits = jnp.einsum("bcd,dv->bcv", h_c, wt, preferred_element_type=jnp.float32)
     logits = parallel.constrain(logits, ("batch", "length", "act_vocab"))
-    if vocab_size < w.shape[0]:
-        logits = jnp.where(jnp.arange(w.shape[0]) < vocab_size, logits, -jnp.inf)
+    if vocab_size < wt.shape[1]:
+        logits = jnp.where(jnp.arange(wt.shape[1]) < vocab_size, logits, -jnp.inf)
     return logits
 
 
@@ -101,32 +101,43 @@ def _label_logit(logits, labels_c):
 
 
 def _forward(h, w, labels, vocab_size, chunk, dtype, with_grads: bool):
-    """The summed CE and, if `with_grads`, its gradients w.r.t. h and w (for a cotangent of 1)."""
+    """The summed CE and, if `with_grads`, its gradients w.r.t. h and w (for a cotangent of 1).
+
+    Layouts are chosen so that no [tokens, vocab] array is ever transposed: the logits come from
+    W^T (transposed once, [D, V]), dh from W, and dW is accumulated as dW^T [D, V] (h^T @ dlogits)
+    and transposed once at the end.
+    """
     # One all-gather of W (FSDP shards its embed dimension) before the loop, not one per chunk.
     wc = parallel.constrain(w.astype(dtype), ("act_vocab", None))
+    wt = parallel.constrain(wc.T, (None, "act_vocab"))
     hs, ls = _to_chunks(h.astype(dtype), chunk, 0), _to_chunks(labels, chunk, IGNORE_INDEX)
 
     def body(carry, xs):
-        total, dw = carry
+        total, dwt = carry
         h_c, labels_c = xs
-        logits = _chunk_logits(h_c, wc, vocab_size)
-        lse = jax.nn.logsumexp(logits, axis=-1)
+        logits = _chunk_logits(h_c, wt, vocab_size)
         keep = labels_c != IGNORE_INDEX
-        total = total + jnp.sum(jnp.where(keep, lse - _label_logit(logits, labels_c), 0.0))
         if not with_grads:
-            return (total, dw), None
-        # d(lse - logit[label]) / dlogits = softmax - onehot; padded columns: exp(-inf) = 0.
+            lse = jax.nn.logsumexp(logits, axis=-1)
+            return (total + jnp.sum(jnp.where(keep, lse - _label_logit(logits, labels_c), 0.0)), dwt), None
+        # logsumexp by hand, so that exp(logits - max) is computed once and serves the softmax too.
+        top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+        e = jnp.exp(logits - top)  # padded columns: exp(-inf) = 0
+        s = jnp.sum(e, axis=-1, keepdims=True)
+        lse = (top + jnp.log(s))[..., 0]
+        total = total + jnp.sum(jnp.where(keep, lse - _label_logit(logits, labels_c), 0.0))
+        # d(lse - logit[label]) / dlogits = softmax - onehot.
         onehot = jax.nn.one_hot(jnp.where(keep, labels_c, -1), w.shape[0], dtype=jnp.float32)
-        dlogits = jnp.where(keep[..., None], jnp.exp(logits - lse[..., None]) - onehot, 0.0).astype(dtype)
+        dlogits = jnp.where(keep[..., None], e / s - onehot, 0.0).astype(dtype)
         dh_c = jnp.einsum("bcv,vd->bcd", dlogits, wc, preferred_element_type=jnp.float32)
-        dw = dw + jnp.einsum("bcv,bcd->vd", dlogits, h_c, preferred_element_type=jnp.float32)
-        return (total, dw), dh_c.astype(h.dtype)
+        dwt = dwt + jnp.einsum("bcd,bcv->dv", h_c, dlogits, preferred_element_type=jnp.float32)
+        return (total, dwt), dh_c.astype(h.dtype)
 
-    dw0 = parallel.constrain(jnp.zeros(w.shape, jnp.float32), ("act_vocab", None)) if with_grads else None
-    (total, dw), dhs = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0), (hs, ls))
+    dwt0 = parallel.constrain(jnp.zeros(wt.shape, jnp.float32), (None, "act_vocab")) if with_grads else None
+    (total, dwt), dhs = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dwt0), (hs, ls))
     if not with_grads:
         return total, None
-    return total, (_from_chunks(dhs, h.shape[1]), dw)
+    return total, (_from_chunks(dhs, h.shape[1]), parallel.constrain(dwt.T, ("act_vocab", None)))
 
 
 # The gradient is computed in the forward pass, while each chunk's logits are at hand (Liger
