@@ -20,6 +20,7 @@ and prints the top XLA ops by time as a markdown table.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -175,6 +176,7 @@ def bench(cfg, args) -> dict:
         "peak_mem_gib": metrics_lib.peak_memory_gib(),
         "temp_gib": temp_gib,
         "loss": float(m["loss"]),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # as the backend saw them (after xla_env.configure)
     }
 
     if args.profile:

@@ -9,6 +9,13 @@ import torch
 from jaxpretrain.train.loss import IGNORE_INDEX, masked_ce_sum, masked_ce_sum_from_logits
 
 
+@pytest.fixture(autouse=True)
+def _float32_matmuls_in_float32():
+    # On a GPU, float32 matmuls default to TF32; the comparisons with float64 torch want float32.
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _inputs(b, t, d, v_padded, vocab, seed, ignore_frac=0.2):
     rng = np.random.default_rng(seed)
     h = rng.normal(size=(b, t, d)).astype(np.float32)
