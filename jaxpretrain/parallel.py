@@ -34,11 +34,13 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),  # GQA's k/v; fewer kv heads than tp: replicated (the divisibility rule)
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     # Parameters.
     ("vocab", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # Llama's k/v projections: whole kv heads per tensor rank, else replicated
     ("mlp", "tensor"),
     ("embed", "fsdp"),
     ("positions", None),

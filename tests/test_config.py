@@ -155,3 +155,30 @@ def test_every_cli_answers_help_fast():
         )
         r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "usage:" in r.stdout, (module, r.stdout[-500:], r.stderr[-2000:])
+
+
+def test_a_llama_recipe_yaml_takes_its_shape_from_its_hf_config(tmp_path):
+    """A recipe YAML naming an HF config: the family's default preset (Llama 1B) gives the other
+    sections, but its shape fields do not override that config; the YAML's own kwargs do."""
+    import json
+
+    hf = tmp_path / "small_llama"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000, "max_position_embeddings": 128,
+    }))
+    p = tmp_path / "llama.yaml"
+    p.write_text(f"model:\n  config:\n    pretrained_model_name_or_path: {hf}\n    num_hidden_layers: 3\n")
+    cfg = parse("--config", str(p)).cfg
+    assert cfg.model.pretrained_model_name_or_path == str(hf)
+    assert cfg.model.num_hidden_layers == 3 and cfg.model.hidden_size is None and cfg.model.vocab_size is None
+    import jaxpretrain.model as M
+    from jaxpretrain.train.setup import model_config
+
+    with cfg.unlocked():
+        cfg.dataset.seq_length = 128
+        cfg.validation_dataset.seq_length = 128
+    c = model_config(cfg)
+    assert (type(c).__name__, c.hidden_size, c.num_hidden_layers, c.vocab_size) == ("LlamaConfig", 64, 3, 1000)
+    assert M.family_of(c).name == "llama"

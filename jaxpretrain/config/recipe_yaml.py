@@ -185,6 +185,13 @@ class _Recipe:
         self.loaded.source = self.spec
         self.set("model.pretrained_model_name_or_path", name, "model")
         self.set("model.load_weights", load_weights, "model._target_")
+        # The YAML's model is its HF config plus its own kwargs: the base preset's shape fields (Llama
+        # 1B's, say) must not override it.
+        from jaxpretrain.config.sections import MODEL_OPTIONS
+
+        for field in [p for p in self.loaded.types if p.startswith("model.")]:
+            if field.split(".", 1)[1] not in MODEL_OPTIONS and self.loaded.cfg.model[field.split(".", 1)[1]] is not None:
+                self.set(field, None, "model.config")
         for k, v in config_kwargs.items():
             if f"model.{k}" not in self.loaded.types:
                 raise self.error(f"model.config.{k}", f"not a model field of {os.path.basename(self.loaded.base.split(':')[0])} "

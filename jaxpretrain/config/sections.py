@@ -18,6 +18,13 @@ FINEWEB_MAPPING_DIR = "fineweb_edu/megatron_gpt2/mapping_dir"
 DEFAULT_PREFIXES = "data/stdlib_gpt2/processed_data_*_text_document*"
 DEFAULT_MAPPING_DIR = "data/stdlib_gpt2/mapping_dir"
 
+# Fields of a `model` section that are ours; every other field of it overrides the HF config
+# (GPT-2's n_layer, Llama's hidden_size, ...) and is passed to the family's config_from.
+MODEL_OPTIONS = (
+    "pretrained_model_name_or_path", "dtype", "attention_impl", "vocab_multiple", "remat", "remat_policy", "scan_layers",
+    "load_weights", "dropout",
+)
+
 # Validation fields that, left unset (None), take the train section's value: the seed's two sections
 # name the same files, and validating on other files or another sequence length is never what an
 # override of the train section alone means.

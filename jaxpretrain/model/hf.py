@@ -11,6 +11,9 @@ Layouts a name table may use (HF tensor <-> Flax parameter):
   rows:  Flax has extra zero rows at the end (vocab_multiple padding)
   qkv:   HF [..., 3*embed] is Flax [..., 3, embed] (GPT-2's fused attention)
   t:     HF nn.Linear weight [out, in] is the Flax kernel [in, out]
+  t_heads_out: HF nn.Linear weight [heads*head_dim, in] is Flax [in, heads, head_dim] (q/k/v projections)
+  t_heads_in:  HF nn.Linear weight [out, heads*head_dim] is Flax [heads, head_dim, out] (output projection)
+  heads: HF bias [heads*head_dim] is Flax [heads, head_dim]
 """
 
 from __future__ import annotations
@@ -57,6 +60,12 @@ def hf_shape(layout: str, flax_shape: tuple[int, ...], vocab_size: int) -> tuple
         return tuple(flax_shape[:-2]) + (flax_shape[-2] * flax_shape[-1],)
     if layout == "t":
         return tuple(flax_shape[::-1])
+    if layout == "t_heads_out":
+        return (flax_shape[1] * flax_shape[2], flax_shape[0])
+    if layout == "t_heads_in":
+        return (flax_shape[2], flax_shape[0] * flax_shape[1])
+    if layout == "heads":
+        return (flax_shape[0] * flax_shape[1],)
     return tuple(flax_shape)
 
 
@@ -68,6 +77,12 @@ def to_hf(layout: str, array: np.ndarray, vocab_size: int) -> np.ndarray:
         return array.reshape(hf_shape(layout, array.shape, vocab_size))
     if layout == "t":
         return array.T
+    if layout == "t_heads_out":
+        return array.reshape(array.shape[0], -1).T
+    if layout == "t_heads_in":
+        return array.reshape(-1, array.shape[-1]).T
+    if layout == "heads":
+        return array.reshape(-1)
     return array
 
 
@@ -94,7 +109,32 @@ def read_shard(layout: str, tensor, flax_shape: tuple[int, ...], index: tuple[sl
         lead_idx = tuple(slice(a, b) for a, b in lead)
         parts = [tensor[(*lead_idx, slice(k * width + e0, k * width + e1))] for k in range(k0, k1)]
         return np.stack(parts, axis=len(lead))
+    if layout in ("t_heads_out", "t_heads_in", "heads"):
+        return _read_heads(layout, tensor, flax_shape, bounds)
     raise ValueError(f"unknown layout {layout!r}")
+
+
+def _read_heads(layout, tensor, flax_shape, bounds) -> np.ndarray:
+    """The per-head layouts: HF's flat heads*head_dim axis read as the column/row ranges of the
+    wanted heads (one range when the shard holds whole heads, else one per head)."""
+    if layout == "t_heads_out":
+        (i0, i1), (h0, h1), (e0, e1) = bounds
+    elif layout == "t_heads_in":
+        (h0, h1), (e0, e1), (o0, o1) = bounds
+    else:
+        (h0, h1), (e0, e1) = bounds
+    head_dim = flax_shape[2] if layout == "t_heads_out" else flax_shape[1]
+    ranges = [(h0 * head_dim, h1 * head_dim)] if (e0, e1) == (0, head_dim) else [
+        (h * head_dim + e0, h * head_dim + e1) for h in range(h0, h1)
+    ]
+    nh, ne = h1 - h0, e1 - e0
+    if layout == "t_heads_out":  # HF [heads*head_dim, in]
+        rows = np.concatenate([np.asarray(tensor[a:b, i0:i1]) for a, b in ranges], axis=0)
+        return rows.T.reshape(i1 - i0, nh, ne)
+    if layout == "t_heads_in":  # HF [out, heads*head_dim]
+        cols = np.concatenate([np.asarray(tensor[o0:o1, a:b]) for a, b in ranges], axis=1)
+        return cols.T.reshape(nh, ne, o1 - o0)
+    return np.concatenate([np.asarray(tensor[a:b]) for a, b in ranges]).reshape(nh, ne)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -114,6 +114,21 @@ def attention_with_dropout(q, k, v, *, scale: float, rate: float, key) -> jax.Ar
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array, *, scale: float) -> jax.Array:
+    """Generation's attention: q [B, t, heads, head_dim] at positions start .. start + t - 1 over a
+    fixed-size cache [B, max_len, kv_heads, head_dim] already holding them; query i sees cache slots
+    0 .. start + i (later slots are empty). XLA's kernel: it takes the explicit mask."""
+    t, max_len = q.shape[1], k_cache.shape[1]
+    mask = jnp.arange(max_len)[None, :] <= start + jnp.arange(t)[:, None]
+    return jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask[None, None], scale=scale, implementation="xla")
+
+
+def update_cache(cache: dict, k: jax.Array, v: jax.Array, start: jax.Array) -> dict:
+    """The layer's {"k", "v"} cache [B, max_len, kv_heads, head_dim] with k, v [B, t, ...] written at start."""
+    return {name: jax.lax.dynamic_update_slice_in_dim(cache[name], new.astype(cache[name].dtype), start, axis=1)
+            for name, new in (("k", k), ("v", v))}
+
+
 def check_remat(remat: bool | str) -> None:
     if isinstance(remat, str) and not hasattr(jax.checkpoint_policies, remat):
         raise UserError(f"model.remat: {remat!r} is not a jax.checkpoint_policies policy")

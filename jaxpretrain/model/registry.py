@@ -20,7 +20,7 @@ from typing import Any, Callable
 from jaxpretrain.errors import UserError
 
 # Family packages, imported on first use (a CLI's --help must not import jax).
-_FAMILIES = ("jaxpretrain.model.gpt2",)
+_FAMILIES = ("jaxpretrain.model.gpt2", "jaxpretrain.model.llama")
 DEFAULT_MODEL_TYPE = "gpt2"  # a config dict without model_type is GPT-2's (HF GPT2Config.to_dict omits nothing, old files may)
 
 

@@ -75,7 +75,7 @@ def log_experiment(run, l2: float, run_dir: str) -> None:
 
 def model_summary(run) -> str:
     import jaxpretrain.model as M
-    from jaxpretrain.train.setup import MODEL_OPTIONS
+    from jaxpretrain.config.sections import MODEL_OPTIONS
 
     c = run.training.hf_config
     shape = {k: getattr(c, k) for k in run.cfg.model.keys() if k not in MODEL_OPTIONS and hasattr(c, k)}

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxpretrain.model as M
 from jaxpretrain import parallel
+from jaxpretrain.config.sections import MODEL_OPTIONS  # ours; every other `model` field overrides the HF config
 from jaxpretrain.data import build_gpt_datasets
 from jaxpretrain.data.loader import Loader, make_loader
 from jaxpretrain.errors import UserError
@@ -93,14 +94,6 @@ def _shard_size(d) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------------ model
-
-# Fields of the `model` section that are ours; every other field is an override of the HF config
-# (GPT-2's n_layer, Llama's hidden_size, ...), passed to the family's config_from.
-MODEL_OPTIONS = (
-    "pretrained_model_name_or_path", "dtype", "attention_impl", "vocab_multiple", "remat", "remat_policy", "scan_layers",
-    "load_weights", "dropout",
-)
-
 
 def model_config(cfg):
     """The HF config of the model to train: `model.pretrained_model_name_or_path` plus the section's

@@ -101,6 +101,14 @@ class Attention(nnx.Module):
     def _attention_with_dropout(self, q, k, v, key):
         return layers.attention_with_dropout(q, k, v, scale=self.scale, rate=self.attn_pdrop, key=key)
 
+    def decode(self, x: jax.Array, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
+        """Generation: x's t new positions attend over the KV cache, which gains their k, v."""
+        b, t, d = x.shape
+        q, k, v = (self.c_attn(x).reshape(b, t, 3, self.n_head, self.head_dim)[:, :, i] for i in range(3))
+        cache = layers.update_cache(cache, k, v, start)
+        y = layers.cached_attention(q, cache["k"], cache["v"], start, scale=self.scale)
+        return self.c_proj(y.reshape(b, t, d)), cache
+
 
 class MLP(nnx.Module):
     def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs, dtype, param_dtype):
@@ -133,6 +141,11 @@ class Block(nnx.Module):
         x = x + self.attn(self.ln_1(x), attn_key)
         x = x + self.mlp(self.ln_2(x), mlp_key)
         return parallel.constrain(x, ("batch", "length", "act_embed"))
+
+    def decode(self, x: jax.Array, cache: dict, start: jax.Array) -> tuple[jax.Array, dict]:
+        y, cache = self.attn.decode(self.ln_1(x), cache, start)
+        x = x + y
+        return x + self.mlp(self.ln_2(x), None), cache
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,6 +200,7 @@ class GPT2LMHeadModel(nnx.Module):
         self.vocab_size = config.vocab_size
         self.padded_vocab_size = layers.padded_size(config.vocab_size, vocab_multiple)
         self.n_positions = config.n_positions
+        self.max_positions = config.n_positions  # the longest sequence generation allows
         self.embd_pdrop = float(config.embd_pdrop)
         self.dtype, self.remat, self.scan_layers = dtype, remat, bool(scan_layers)
         self.has_dropout = any(float(p) > 0 for p in (config.embd_pdrop, config.attn_pdrop, config.resid_pdrop))
@@ -257,3 +271,22 @@ class GPT2LMHeadModel(nnx.Module):
         logits = jnp.einsum("btd,vd->btv", x, wte, preferred_element_type=jnp.float32)
         logits = parallel.constrain(logits, ("batch", "length", "act_vocab"))
         return logits[..., :vocab_size]
+
+    # -- Generation with a KV cache (jaxpretrain.model.decode drives these two).
+
+    def init_cache(self, batch: int, max_len: int) -> list[dict]:
+        """Per block, zero k and v caches [batch, max_len, n_head, head_dim] in the compute dtype."""
+        shape = (batch, max_len, self.h[0].attn.n_head, self.h[0].attn.head_dim)
+        return [{"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)} for _ in self.h]
+
+    def decode_step(self, input_ids: jax.Array, cache: list[dict], start: jax.Array) -> tuple[jax.Array, list[dict]]:
+        """Logits [B, t, vocab_size] (float32) of t new tokens at positions start.., and the updated cache."""
+        wte = self.wte.embedding[...].astype(self.dtype)
+        positions = jax.lax.dynamic_slice_in_dim(self.wpe.embedding[...], start, input_ids.shape[1], axis=0)
+        x = jnp.take(wte, input_ids, axis=0) + positions.astype(self.dtype)
+        new_cache = []
+        for block, block_cache in zip(self.h, cache):
+            x, block_cache = block.decode(x, block_cache, start)
+            new_cache.append(block_cache)
+        logits = jnp.einsum("btd,vd->btv", self.ln_f(x), wte, preferred_element_type=jnp.float32)
+        return logits[..., : self.vocab_size], new_cache
