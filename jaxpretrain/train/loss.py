@@ -86,13 +86,18 @@ def _from_chunks(x: jax.Array, t: int) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(b, n * chunk, *x.shape[3:])[:, :t]
 
 
-def _chunk_logits(h_c, wt, vocab_size):
-    """float32 logits [B, chunk, V_padded] from W^T [D, V_padded], padded vocabulary columns at -inf."""
-    logits = jnp.einsum("bcd,dv->bcv", h_c, wt, preferred_element_type=jnp.float32)
-    logits = parallel.constrain(logits, ("batch", "length", "act_vocab"))
-    if vocab_size < wt.shape[1]:
-        logits = jnp.where(jnp.arange(wt.shape[1]) < vocab_size, logits, -jnp.inf)
-    return logits
+def _chunk_logits(h_c, w):
+    """float32 logits [B, chunk, V_padded] (padded vocabulary columns included: see _real_columns)."""
+    logits = jnp.einsum("bcd,vd->bcv", h_c, w, preferred_element_type=jnp.float32)
+    return parallel.constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def _real_columns(logits, vocab_size, fill):
+    """`logits` with the padded vocabulary columns set to `fill`. Applied where each consumer reads
+    the logits (max, exp), so XLA fuses it there instead of writing a masked copy of the logits."""
+    if vocab_size == logits.shape[-1]:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, fill)
 
 
 def _label_logit(logits, labels_c):
@@ -103,26 +108,24 @@ def _label_logit(logits, labels_c):
 def _forward(h, w, labels, vocab_size, chunk, dtype, with_grads: bool):
     """The summed CE and, if `with_grads`, its gradients w.r.t. h and w (for a cotangent of 1).
 
-    Layouts are chosen so that no [tokens, vocab] array is ever transposed: the logits come from
-    W^T (transposed once, [D, V]), dh from W, and dW is accumulated as dW^T [D, V] (h^T @ dlogits)
-    and transposed once at the end.
+    Layouts are chosen so that no [tokens, vocab] array is ever transposed: dW is accumulated as
+    dW^T [D, V] (h^T @ dlogits) and transposed once at the end.
     """
     # One all-gather of W (FSDP shards its embed dimension) before the loop, not one per chunk.
     wc = parallel.constrain(w.astype(dtype), ("act_vocab", None))
-    wt = parallel.constrain(wc.T, (None, "act_vocab"))
     hs, ls = _to_chunks(h.astype(dtype), chunk, 0), _to_chunks(labels, chunk, IGNORE_INDEX)
 
     def body(carry, xs):
         total, dwt = carry
         h_c, labels_c = xs
-        logits = _chunk_logits(h_c, wt, vocab_size)
+        logits = _chunk_logits(h_c, wc)
         keep = labels_c != IGNORE_INDEX
         if not with_grads:
-            lse = jax.nn.logsumexp(logits, axis=-1)
+            lse = jax.nn.logsumexp(_real_columns(logits, vocab_size, -jnp.inf), axis=-1)
             return (total + jnp.sum(jnp.where(keep, lse - _label_logit(logits, labels_c), 0.0)), dwt), None
         # logsumexp by hand, so that exp(logits - max) is computed once and serves the softmax too.
-        top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-        e = jnp.exp(logits - top)  # padded columns: exp(-inf) = 0
+        top = jnp.max(_real_columns(logits, vocab_size, -jnp.inf), axis=-1, keepdims=True)
+        e = _real_columns(jnp.exp(logits - top), vocab_size, 0.0)
         s = jnp.sum(e, axis=-1, keepdims=True)
         lse = (top + jnp.log(s))[..., 0]
         total = total + jnp.sum(jnp.where(keep, lse - _label_logit(logits, labels_c), 0.0))
@@ -133,7 +136,7 @@ def _forward(h, w, labels, vocab_size, chunk, dtype, with_grads: bool):
         dwt = dwt + jnp.einsum("bcd,bcv->dv", h_c, dlogits, preferred_element_type=jnp.float32)
         return (total, dwt), dh_c.astype(h.dtype)
 
-    dwt0 = parallel.constrain(jnp.zeros(wt.shape, jnp.float32), (None, "act_vocab")) if with_grads else None
+    dwt0 = parallel.constrain(jnp.zeros(w.shape[::-1], jnp.float32), (None, "act_vocab")) if with_grads else None
     (total, dwt), dhs = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dwt0), (hs, ls))
     if not with_grads:
         return total, None
