@@ -1,4 +1,5 @@
-"""Processes, the device mesh, and the one table that says how named array axes map onto it.
+"""The device mesh and the one table that says how named array axes map onto it (joining a run:
+jaxpretrain.processes, re-exported here as `initialize_distributed`).
 
 The mesh has three axes, outermost first:
 
@@ -15,7 +16,6 @@ GPU nodes, the innermost `tensor` axis stays inside one node's NVLink domain.
 from __future__ import annotations
 
 import math
-import os
 from typing import Sequence
 
 import jax
@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxpretrain.errors import UserError
+from jaxpretrain.processes import initialize_distributed  # noqa: F401  (joining a run lives there)
 
 MESH_AXES = ("replicate", "fsdp", "tensor")
 
@@ -49,45 +50,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 # The mesh axes a batch is split over: the one source for the batch sharding and micro-batching.
 DATA_AXES: tuple[str, ...] = dict(LOGICAL_AXIS_RULES)["batch"]
-
-
-# ------------------------------------------------------------------------------------------------
-# Processes
-# ------------------------------------------------------------------------------------------------
-
-
-def initialize_distributed() -> bool:
-    """Join a multi-process run if this process was started as part of one; returns whether it did.
-
-    Under `srun` (SLURM with more than one task) jax.distributed auto-detects everything. Otherwise
-    `JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`
-    say where to meet. Without either this is a single-process run and nothing happens. Call it
-    before anything touches a jax device.
-    """
-    if jax.distributed.is_initialized():
-        return True
-    env = os.environ
-    names = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-    explicit = [k for k in names if env.get(k)]
-    # srun (not sbatch) sets SLURM_STEP_NUM_TASKS: a batch script's own single process, which sees
-    # the allocation's SLURM_NTASKS, must not wait for peers that will never come.
-    in_srun = int(env.get("SLURM_STEP_NUM_TASKS") or 1) > 1 and "SLURM_PROCID" in env
-    if not explicit and not in_srun:
-        return False
-    if explicit and len(explicit) < 3:
-        missing = [k for k in names if k not in explicit]
-        raise UserError(f"environment: {', '.join(explicit)} set but {', '.join(missing)} missing")
-    # CPU devices of different processes only talk through gloo (it is unused on GPU runs).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if explicit:
-        try:
-            num, pid = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
-        except ValueError:
-            raise UserError("environment: JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers") from None
-        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], num_processes=num, process_id=pid)
-    else:
-        jax.distributed.initialize()
-    return True
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,8 @@ import numpy as np
 import pytest
 
 from test_train import ROOT, STEP_LINE, as_flags, python, tiny_overrides, token_glob  # noqa: F401
+
+EXIT_STOPPED = 75  # the train CLI's status after SIGTERM and a saved checkpoint (train/preemption.py)
 
 STEPS = 8
 GLOBAL, SHARE = 8, 4  # global batch; rows of it each of the 2 processes reads
@@ -52,6 +55,17 @@ RECORDING_TRAIN = textwrap.dedent(
 
     init = loader._ReadLocalBatch.__init__
     loader._ReadLocalBatch.__init__ = lambda self, dataset, *a, **k: init(self, Recorded(dataset), *a, **k)
+
+    # And every index-cache build (a cache miss): which indices this process built itself.
+    from jaxpretrain.data import gpt_dataset
+    cached = gpt_dataset.cached_arrays
+    def recording_cached(cache_dir, base, names, description, build):
+        def recorded_build():
+            with lock, open(path.replace(".jsonl", ".builds.jsonl"), "a") as f:
+                f.write(json.dumps({"base": base}) + "\\n")
+            return build()
+        return cached(cache_dir, base, names, description, recorded_build)
+    gpt_dataset.cached_arrays = recording_cached
     runpy.run_module("jaxpretrain.train", run_name="__main__", alter_sys=True)
     """
 )
@@ -73,32 +87,33 @@ def free_port() -> int:
 
 
 class Processes:
-    """The processes of one run, started together, output to `<workdir>/process_{i}.log`; `n == 2`: a
-    two-process run joined through a coordinator on a free port, else one plain `python -m` process.
+    """The processes of one run, started together, output to `<workdir>/process_{i}.log`; `n > 1`: a
+    run of n processes joined through a coordinator on a free port, else one plain `python -m`
+    process; `devices`: CPU devices per process; `argv`: instead of the (recording) train CLI.
 
     Always used as a context manager: whatever happens in the test, no child outlives it.
     """
 
-    def __init__(self, flags: list[str], workdir: str, n: int = 2):
+    def __init__(self, flags: list[str], workdir: str, n: int = 2, devices: int = 1, argv: list[str] | None = None,
+                 timeout: float = TIMEOUT):
         self.workdir, self.reads_dir = workdir, os.path.join(workdir, "reads")
         os.makedirs(self.reads_dir, exist_ok=True)
         port = free_port()
         self.procs, self._files = [], []
-        self._deadline = time.monotonic() + TIMEOUT
+        self.timeout = timeout
+        self._deadline = time.monotonic() + timeout
         for pid in range(n):
-            env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+            env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
             for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
                 env.pop(k, None)
             if n > 1:
                 env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(pid))
-                argv = ["-c", RECORDING_TRAIN]
-            else:
-                argv = ["-m", "jaxpretrain.train"]
             env["READS_DIR"] = self.reads_dir
             f = open(self.log_path(pid), "w")
             self._files.append(f)
+            cmd = argv or (["-c", RECORDING_TRAIN] if n > 1 else ["-m", "jaxpretrain.train"])
             self.procs.append(subprocess.Popen(
-                [sys.executable, *argv, *flags], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                [sys.executable, *cmd, *flags], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
             ))
 
     def log_path(self, pid: int) -> str:
@@ -115,17 +130,25 @@ class Processes:
                 pytest.fail(f"no line matching {pattern.pattern!r}:\n" + self.output(0)[-3000:] + self.output(1)[-3000:])
             time.sleep(0.05)
 
-    def wait(self) -> list[str]:
-        """Every exit code must be 0; returns the outputs."""
+    def wait(self, expect: int = 0) -> list[str]:
+        """Every exit code must be `expect`; returns the outputs."""
         for p in self.procs:
             try:
                 p.wait(timeout=max(1.0, self._deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                pytest.fail(f"{self.workdir}: still running after {TIMEOUT} s:\n" + self.output(0)[-3000:])
+                pytest.fail(f"{self.workdir}: still running after {self.timeout:.0f} s:\n" + self.output(0)[-3000:])
         outs = [self.output(pid) for pid in range(len(self.procs))]
         for pid, p in enumerate(self.procs):
-            assert p.returncode == 0, f"{self.workdir}: process {pid} exited {p.returncode}:\n" + outs[pid][-4000:]
+            assert p.returncode == expect, f"{self.workdir}: process {pid} exited {p.returncode}:\n" + outs[pid][-4000:]
         return outs
+
+    def builds(self, pid: int) -> list[str]:
+        """The index caches process `pid` built itself (cache misses), in order."""
+        path = os.path.join(self.reads_dir, f"process_{pid}.builds.jsonl")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [json.loads(line)["base"] for line in f]
 
     def reads(self, pid: int, n_train: int) -> list[list[int]]:
         """The train-dataset reads of process `pid`, in order (each: one local batch's sample indices)."""
@@ -190,7 +213,7 @@ def runs(token_glob, tmp_path_factory) -> Runs:
         first.wait_for(re.compile(r"\| step 2 \| epoch"))
         for p in first.procs:  # as SLURM does: every task of the job step gets the signal
             p.send_signal(signal.SIGTERM)
-        outs["preempted"] = first.wait()
+        outs["preempted"] = first.wait(expect=EXIT_STOPPED)
         outs["resumed"] = start("resumed", ckpt["preempted"]).wait()
         for name in ("one_device", "uninterrupted"):
             outs[name] = procs[name].wait()
@@ -200,6 +223,8 @@ def runs(token_glob, tmp_path_factory) -> Runs:
 def test_two_processes_train_like_one_device(runs):
     out0, out1 = runs.outs["uninterrupted"]
     assert "World size: 2 processes, 2 devices (cpu)" in out0
+    assert re.search(r"Processes: launch: JAX_\* environment variables \| process 0 of 2 \| local devices 1 \(cpu\) \| "
+                     r"global devices 2 \| coordinator 127\.0\.0\.1:\d+", out0), out0[:3000]
     assert "Batches: global 8 = local 2 x dp 2 x grad_accum 2" in out0
     assert "Batches: global 8 = local 4 x dp 1 x grad_accum 2" in runs.outs["one_device"][0]
     assert [int(m.group(1)) for m in map(STEP_LINE.search, out0.splitlines()) if m] == list(range(1, STEPS + 1))
@@ -209,6 +234,12 @@ def test_two_processes_train_like_one_device(runs):
         one, two = losses_of(runs.one_device, kind), losses_of(runs.uninterrupted, kind)
         assert sorted(one) == sorted(two) == steps, kind
         np.testing.assert_allclose([two[s] for s in steps], [one[s] for s in steps], rtol=2e-5, err_msg=kind)
+
+    # Process 0 built the index cache (train and validation GPTDataset and blend indices); process 1,
+    # let in after it, found every file and built none.
+    built = runs.procs["uninterrupted"].builds(0)
+    assert any("GPTDataset-train" in b for b in built) and any("GPTDataset-valid" in b for b in built), built
+    assert runs.procs["uninterrupted"].builds(1) == []
 
     # Process p read rows [4p, 4p + 4) of every global batch, each batch once, and no other rows.
     n = n_train_samples(out0)
@@ -274,3 +305,21 @@ def test_export_of_a_two_process_checkpoint(runs, tmp_path):
     assert sorted(got) == sorted(want) and len(want) > 10
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_one_process_checkpoint_resumes_in_two_processes(runs, token_glob, tmp_path):
+    """The one-device run's step-6 checkpoint (one loader position, `process_0-of-1.json`) resumed by
+    two processes: each takes that position and reads its own rows of batches 6 and 7, and steps 7-8
+    give the one-device run's losses."""
+    ckpt = str(tmp_path / "ckpt")
+    src = runs.one_device
+    shutil.copytree(src, ckpt, ignore=lambda d, names: [n for n in names if d == src and n in ("logs", str(STEPS))])
+    with Processes(as_flags(overrides(token_glob, ckpt)), str(tmp_path / "run")) as p:
+        out0, _ = p.wait()
+        n = n_train_samples(out0)
+        for pid in range(2):
+            assert sorted(p.reads(pid, n)) == batch_rows(pid, range(6, STEPS)), pid
+    assert f"Resumed from {ckpt}/6 at step 6" in out0
+    got, want = losses_of(ckpt, "train"), losses_of(runs.one_device, "train")
+    assert sorted(got) == [7, 8]
+    np.testing.assert_allclose([got[s] for s in (7, 8)], [want[s] for s in (7, 8)], rtol=2e-5)

@@ -123,6 +123,8 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     p.cp_size = 1
     # Sequence parallelism is not supported; kept for the seed's YAML shape (must be False).
     p.sequence_parallel = False
+    # Multi-process runs: seconds without a heartbeat before a process counts as dead and the others exit.
+    p.heartbeat_timeout_s = 60
 
     c.loss_fn = ml_collections.ConfigDict()
     # Masked cross-entropy: summed float32 token CE / label tokens of the global batch (-100 ignored).

@@ -3,6 +3,10 @@
 Pretrains a model from Megatron `.bin/.idx` token files as the seed's NeMo Automodel recipe does;
 `--config` also takes that recipe's YAML as is. Rerunning the same command resumes from the newest
 complete checkpoint; SIGTERM saves a checkpoint and exits. `--help` lists every config field.
+
+Exit status: 0 finished (max_steps reached); 75 stopped by SIGTERM after saving a checkpoint (rerun
+to resume: scripts/slurm/train.sbatch requeues on it); 2 bad input (one `error:` line); 1 a failure,
+including a lost peer process in a multi-process run.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from jaxpretrain.errors import run_cli
 
 DESCRIPTION = (
     "Pretrain a language model from Megatron .bin/.idx token files (NeMo Automodel's recipe in JAX). Rerunning\n"
-    "the same command resumes from the newest complete checkpoint; SIGTERM saves one and exits."
+    "the same command resumes from the newest complete checkpoint; SIGTERM saves one and exits.\n"
+    "Exit status: 0 finished; 75 stopped by SIGTERM after saving (rerun to resume); 2 bad input; 1 a failure."
 )
 
 

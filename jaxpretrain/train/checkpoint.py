@@ -7,11 +7,20 @@ One checkpoint per step holds four items, each restorable alone:
   meta        JSON: step, epoch, the config, and the model's HF config (what `export` needs)
 Saves are asynchronous, written to a temporary directory and renamed when complete, so the newest
 *complete* checkpoint is always the one resumed: a run killed mid-save resumes from the one before.
+
+Another topology on restore (N processes wrote it, M restore it, on any mesh): arrays are read
+straight into the shardings of the targets passed in (Orbax reads each process's slices). The loader
+position is Grain's `process_{i}-of-{N}.json`, one per writing process, and it is the same in all of
+them (the next global batch index; each process reads its own rows of that batch), so M processes
+all take it, after checking that the N saved ones agree.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
+import re
 
 import jax
 import orbax.checkpoint as ocp
@@ -62,14 +71,32 @@ class TrainCheckpointer:
 
     def restore(self, step: int, *, params, opt_state, data_iterator) -> dict:
         """Restores into the shardings of `params`/`opt_state` (arrays or ShapeDtypeStructs) and
-        moves `data_iterator` to the saved position; returns the restored items."""
-        args = ocp.args.Composite(
+        moves `data_iterator` to the saved position; returns the restored items. The checkpoint may
+        come from another number of processes or another mesh (see the module docstring)."""
+        items = dict(
             params=ocp.args.StandardRestore(_abstract(params)),
             opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
-            data=loader_restore_args(data_iterator),
             meta=ocp.args.JsonRestore(),
         )
-        return self._manager.restore(step, args=args)
+        saved = self.loader_positions(step)
+        if not saved or any(n == jax.process_count() for _, n in saved):
+            return self._manager.restore(step, args=ocp.args.Composite(**items, data=loader_restore_args(data_iterator)))
+        positions = {json.dumps(state, sort_keys=True) for state in saved.values()}
+        if len(positions) != 1:
+            raise UserError(f"{self.step_dir(step)}/data: the {len(saved)} saved loader positions differ ({sorted(positions)})")
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        data_iterator.set_state(json.loads(positions.pop()))
+        return restored
+
+    def loader_positions(self, step: int) -> dict[tuple[int, int], dict]:
+        """{(process index, process count): loader state} as the processes that wrote `step` saved them."""
+        found = {}
+        for path in glob.glob(os.path.join(self.step_dir(step), "data", "process_*-of-*.json")):
+            m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", os.path.basename(path))
+            if m:
+                with open(path) as f:
+                    found[(int(m.group(1)), int(m.group(2)))] = json.load(f)
+        return found
 
     def restore_meta(self, step: int) -> dict:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -19,12 +19,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxpretrain.model as M
-from jaxpretrain import parallel
+from jaxpretrain import parallel, processes
 from jaxpretrain.errors import UserError
 from jaxpretrain.train import metrics as metrics_lib
 from jaxpretrain.train import report
 from jaxpretrain.train.prefetch import DevicePrefetcher
-from jaxpretrain.train.preemption import StopSignal
+from jaxpretrain.train.preemption import EXIT_STOPPED, StopSignal
 from jaxpretrain.train.setup import Run, setup, validation_loader
 
 log = logging.getLogger("jaxpretrain")
@@ -38,14 +38,18 @@ def run(cfg, loaded=None) -> int:
     finalize(cfg)
     # Joining the run comes first: setup_logging asks for jax.process_index(), which starts the XLA
     # backend, after which jax.distributed.initialize refuses to run.
-    parallel.initialize_distributed()
+    parallel.initialize_distributed(heartbeat_timeout_s=cfg.distributed.heartbeat_timeout_s)
     stop = StopSignal()  # SIGTERM from here on saves and exits (jax.distributed's handler is replaced)
     report.setup_logging()
-    r = setup(cfg, source=loaded.source if loaded is not None else None)
-    trainer = Trainer(r, stop)
-    trainer.write_config(loaded)
-    report.log_experiment(r, float(M.param_l2_norm(r.state["params"])), trainer.run_dir)
-    return trainer.train()
+    log.info(processes.startup_line())
+    with processes.exit_at_once_on_error():
+        r = setup(cfg, source=loaded.source if loaded is not None else None)
+        trainer = Trainer(r, stop)
+        trainer.write_config(loaded)
+        report.log_experiment(r, float(M.param_l2_norm(r.state["params"])), trainer.run_dir)
+        code = trainer.train()
+        processes.leave_run()  # together, and immune to srun's SIGTERM to the stragglers (see there)
+    return code
 
 
 class Trainer:
@@ -233,4 +237,4 @@ class Trainer:
         if r.checkpointer is not None:
             r.checkpointer.close()
         self.sinks.close()
-        return 0
+        return EXIT_STOPPED if stopping and step < total else 0  # stopped at the last step: finished

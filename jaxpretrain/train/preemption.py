@@ -9,6 +9,11 @@ import jax
 
 log = logging.getLogger("jaxpretrain")
 
+# Exit status of a run stopped by SIGTERM after saving its checkpoint: EX_TEMPFAIL (sysexits.h,
+# "try again later"). scripts/slurm/train.sbatch requeues the job on this status only; a finished run
+# exits 0, bad input 2, a crash 1 (or a signal's status), and those are never requeued.
+EXIT_STOPPED = 75
+
 
 class StopSignal:
     """SIGTERM (SLURM's preemption notice) asks for a checkpoint and a clean exit.

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxpretrain.model as M
-from jaxpretrain import parallel
+from jaxpretrain import parallel, processes
 from jaxpretrain.config.sections import MODEL_OPTIONS  # ours; every other `model` field overrides the HF config
 from jaxpretrain.data import build_gpt_datasets
 from jaxpretrain.data.loader import Loader, make_loader
@@ -200,6 +200,11 @@ class Data:
 def build_data(cfg, plan: BatchPlan) -> Data:
     from jaxpretrain.config.overrides import plain
 
+    with processes.first_process_first("jaxpretrain/index_cache"):
+        return _build_data(cfg, plan, plain)
+
+
+def _build_data(cfg, plan: BatchPlan, plain) -> Data:
     ds_cfg, val_cfg = cfg.dataset, cfg.validation_dataset
     train_ds = build_gpt_datasets(
         plain(ds_cfg.paths), seq_length=ds_cfg.seq_length, split=ds_cfg.split, seed=ds_cfg.seed,
