@@ -60,8 +60,8 @@ def _module_exists(name: str) -> bool:
 
 def backend_started() -> bool:
     """True once jax has created a backend (too late for XLA_FLAGS to take effect)."""
-    xb = sys.modules.get("jax._src.xla_bridge")
-    return bool(getattr(xb, "_backends", None))
+    xb = sys.modules.get("jax._src.xla_bridge")  # not imported: jax has not started either
+    return xb is not None and bool(xb.backends_are_initialized())
 
 
 def configure(environ=os.environ) -> str | None:
