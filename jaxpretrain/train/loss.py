@@ -19,6 +19,7 @@ are masked out of the softmax and get zero gradient; labels equal to -100 count 
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -105,12 +106,27 @@ def _label_logit(logits, labels_c):
     return jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
 
 
+def _batch_ways(batch: int) -> int:
+    """How many ways the traced batch dimension is split over devices (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    spec = parallel.logical_to_mesh_spec(("batch",), (batch,), mesh)
+    axes = spec[0] if len(spec) else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in axes)
+
+
 def _forward(h, w, labels, vocab_size, chunk, dtype, with_grads: bool):
     """The summed CE and, if `with_grads`, its gradients w.r.t. h and w (for a cotangent of 1).
 
     Layouts are chosen so that no [tokens, vocab] array is ever transposed: dW is accumulated as
-    dW^T [D, V] (h^T @ dlogits) and transposed once at the end.
+    dW^T [D, V] (h^T @ dlogits) and transposed once at the end. With the batch split n ways over
+    devices, dW^T is accumulated as n per-device partial sums [n, D, V] (each device adds its own
+    rows' part) and summed once after the loop: a replicated carry would make XLA all-reduce the
+    whole [D, V] after every chunk.
     """
+    ways = _batch_ways(h.shape[0])
     # One all-gather of W (FSDP shards its embed dimension) before the loop, not one per chunk.
     wc = parallel.constrain(w.astype(dtype), ("act_vocab", None))
     hs, ls = _to_chunks(h.astype(dtype), chunk, 0), _to_chunks(labels, chunk, IGNORE_INDEX)
@@ -133,14 +149,18 @@ def _forward(h, w, labels, vocab_size, chunk, dtype, with_grads: bool):
         onehot = jax.nn.one_hot(jnp.where(keep, labels_c, -1), w.shape[0], dtype=jnp.float32)
         dlogits = jnp.where(keep[..., None], e / s - onehot, 0.0).astype(dtype)
         dh_c = jnp.einsum("bcv,vd->bcd", dlogits, wc, preferred_element_type=jnp.float32)
-        dwt = dwt + jnp.einsum("bcd,bcv->dv", h_c, dlogits, preferred_element_type=jnp.float32)
+        split = lambda x: x.reshape(ways, x.shape[0] // ways, *x.shape[1:])  # noqa: E731  rows by device
+        part = jnp.einsum("nbcd,nbcv->ndv", split(h_c), split(dlogits), preferred_element_type=jnp.float32)
+        dwt = dwt + parallel.constrain(part, ("batch", None, "act_vocab"))
         return (total, dwt), dh_c.astype(h.dtype)
 
-    dwt0 = parallel.constrain(jnp.zeros(w.shape[::-1], jnp.float32), (None, "act_vocab")) if with_grads else None
+    dwt0 = None
+    if with_grads:
+        dwt0 = parallel.constrain(jnp.zeros((ways, *w.shape[::-1]), jnp.float32), ("batch", None, "act_vocab"))
     (total, dwt), dhs = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dwt0), (hs, ls))
     if not with_grads:
         return total, None
-    return total, (_from_chunks(dhs, h.shape[1]), parallel.constrain(dwt.T, ("act_vocab", None)))
+    return total, (_from_chunks(dhs, h.shape[1]), parallel.constrain(dwt.sum(0).T, ("act_vocab", None)))
 
 
 # The gradient is computed in the forward pass, while each chunk's logits are at hand (Liger
