@@ -1,19 +1,108 @@
-"""`python -m jaxpretrain.bench --config configs/gpt2.py[:preset] [--steps N] [--config.x=y ...]`.
+"""`python -m jaxpretrain.bench --config configs/gpt2.py[:preset] [bench flags] [--config.x=y ...]`.
 
-Throughput of the real train step (the recipe's model, mesh, optimizer and gradient accumulation) on
-synthetic tokens, so data preparation is not needed and the loader is not measured. Ends with a line
-`<X> tokens/s`. The first steps (compilation, warm-up) are excluded from the timing.
+Throughput of the real train step (the recipe's model, mesh, optimizer and gradient accumulation,
+one jitted program) on synthetic tokens, so no data preparation is needed and the loader is not
+measured. Reported:
+
+  compile   the first step's lower + compile, timed apart (ahead of time, nothing executed)
+  step      wall time per optimizer step over --steps steps, after --warmup executed steps
+  tokens/s  global batch x seq / step, in total and per device
+  MFU       tokens/s x flops_per_token / (devices x the device's dense bf16 peak), with
+            flops_per_token = 6N + 12 L H Q T (nanoGPT's estimate: N parameters without the
+            position embeddings, L layers, H heads, Q head size, T sequence length)
+  memory    peak device memory (CPU: the process's peak RSS) and XLA's temp buffers for the step
+
+The last line is `<X> tokens/s`. With `--json` the same figures go to stdout as one JSON line
+(starting `{"bench":`) just before it. `--profile DIR` traces a few more steps with jax.profiler
+and prints the top XLA ops by time as a markdown table.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 
 from jaxpretrain.errors import UserError, run_cli
 
+MFU_FORMULA = "mfu = tokens/s x flops_per_token / (devices x peak bf16 FLOP/s); flops_per_token = 6N + 12*L*H*Q*T"
 
-def bench(cfg, steps: int, warmup: int) -> float:
+
+def bench_flags():
+    """Bench's own flags (beside --config and --config.a.b=v), for the shared CLI layer."""
+    from jaxpretrain.config.cli import Flag
+
+    return (
+        Flag("steps", int, 10, "timed optimizer steps"),
+        Flag("warmup", int, 2, "executed steps before timing, after the compile"),
+        Flag("json", bool, False, 'also print the figures as one JSON line (starts {"bench":) before the last line'),
+        Flag("profile", str, None, "trace --profile-steps more steps into this directory and print the top XLA ops"),
+        Flag("profile-steps", int, 3, "steps traced with --profile"),
+        Flag("top", int, 15, "ops listed with --profile"),
+    )
+
+
+DESCRIPTION = (
+    "Throughput of the recipe's real train step on synthetic tokens (no data needed): compile time, step time,\n"
+    "tokens/s in total and per device, MFU, peak memory; ends with `<X> tokens/s`."
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Report (shared with scripts/bench_torch.py, so both print the same fields)
+# ------------------------------------------------------------------------------------------------
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak: float | None) -> float | None:
+    return tokens_per_s * flops_per_token / (n_devices * peak) if peak else None
+
+
+def format_report(r: dict) -> list[str]:
+    """Human lines for a result dict (see `bench`), ending with the `<X> tokens/s` line."""
+    opts = " ".join(f"{k} {v}" for k, v in r["options"].items())
+    mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (peak unknown)"
+    return [
+        f"bench {r['bench']} | {r['devices']}x {r['device_kind']} | params {r['params']:,} | batch "
+        f"{r['global_batch']} x {r['seq']} (micro-batch {r['micro_batch']}, grad_accum {r['grad_accum']}) | {opts}",
+        f"compile {r['compile_s']:.1f} s | step {r['step_ms']:.1f} ms | {r['tokens_per_s']:,.0f} tokens/s "
+        f"({r['tokens_per_s_per_device']:,.0f} per device) | mfu {mfu_text} | mem {r['peak_mem_gib']:.2f} GiB"
+        + (f" (XLA temp {r['temp_gib']:.2f} GiB)" if r.get("temp_gib") is not None else "")
+        + f" | loss {r['loss']:.4f}",
+        f"{MFU_FORMULA}; flops_per_token {r['flops_per_token'] / 1e6:.1f} M",
+    ]
+
+
+def print_report(r: dict, as_json: bool) -> None:
+    for line in format_report(r):
+        print(line, flush=True)
+    if as_json:
+        print(json.dumps(r), flush=True)
+    print(f"{r['tokens_per_s']:.2f} tokens/s", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmark
+# ------------------------------------------------------------------------------------------------
+
+
+def _options(cfg) -> dict:
+    """The speed-relevant settings, as printed and recorded."""
+    m = cfg.model
+    dropout = m.get("dropout")
+    out = {
+        "dtype": m.get("dtype"),
+        "dropout": "hf" if dropout is None else dropout,
+        "remat": (m.get("remat_policy") or True) if m.get("remat") else False,
+        "attention": m.get("attention_impl") or "auto",
+    }
+    for section, key, name in (("model", "scan_layers", "scan"), ("loss_fn", "chunk_size", "loss_chunk")):
+        if key in cfg[section]:
+            out[name] = cfg[section][key]
+    return out
+
+
+def bench(cfg, args) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -32,48 +121,109 @@ def bench(cfg, steps: int, warmup: int) -> float:
     local_rows = plan.global_batch_size // jax.process_count()
     tokens = rng.integers(0, t.hf_config.vocab_size, size=(local_rows, seq + 1), dtype=np.int32)
     batch = parallel.make_global_batch({"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}, mesh)
-
     state = t.state
-    for i in range(warmup):
-        state, m = t.train_step(state, batch, jnp.int32(i))
-    jax.block_until_ready(m)
-    start = time.perf_counter()
-    for i in range(steps):
-        state, m = t.train_step(state, batch, jnp.int32(warmup + i))
-    m = jax.device_get(m)
-    elapsed = time.perf_counter() - start
 
-    tps = steps * plan.global_batch_size * seq / elapsed
+    # -- Compile, ahead of time and timed apart.
+    start = time.perf_counter()
+    lowered = t.train_step.lower(state, batch, jnp.int32(0))
+    lower_s = time.perf_counter() - start
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    temp_gib = None
+    try:
+        temp_gib = compiled.memory_analysis().temp_size_in_bytes / 2**30
+    except Exception:  # not every backend reports it
+        pass
+
+    # -- Warm-up, then the timed steps (the host never waits inside them).
+    step = 0
+    for _ in range(max(args.warmup, 0)):
+        state, m = compiled(state, batch, jnp.int32(step))
+        step += 1
+    jax.block_until_ready(state)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(args.steps):
+        state, m = compiled(state, batch, jnp.int32(step))
+        step += 1
+    m = jax.device_get(m)
+    jax.block_until_ready(state)
+    elapsed, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+
+    n_dev = jax.device_count()
+    tps = args.steps * plan.global_batch_size * seq / elapsed
     fpt = t.flops_per_token(seq)
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0])
-    n_dev = jax.device_count()
-    mfu = f"{100 * tps * fpt / (peak * n_dev):.1f}%" if peak else "n/a"
-    if jax.process_index() == 0:
-        print(
-            f"devices {n_dev}x {jax.devices()[0].device_kind} | params {t.n_params:,} | global batch "
-            f"{plan.global_batch_size} x {seq} (grad_accum {plan.grad_accum}) | step {elapsed / steps * 1000:.1f} ms | "
-            f"loss {float(m['loss']):.4f} | mem {metrics_lib.peak_memory_gib():.2f} GiB | mfu {mfu} | "
-            f"{tps / n_dev:.2f} tokens/s per device",
-            flush=True,
-        )
-        print(f"{tps:.2f} tokens/s", flush=True)
-    return tps
+    result = {
+        "bench": "jaxpretrain",
+        "device_kind": jax.devices()[0].device_kind,
+        "devices": n_dev,
+        "params": int(t.n_params),
+        "global_batch": plan.global_batch_size,
+        "micro_batch": plan.local_batch_size,
+        "grad_accum": plan.grad_accum,
+        "seq": seq,
+        "options": _options(cfg),
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "steps": args.steps,
+        "step_ms": 1000 * elapsed / args.steps,
+        # CPU seconds of this process per step (all threads): on a shared CPU host, steadier than wall time.
+        "cpu_ms_per_step": 1000 * cpu_s / args.steps,
+        "tokens_per_s": tps,
+        "tokens_per_s_per_device": tps / n_dev,
+        "flops_per_token": fpt,
+        "mfu": mfu(tps, fpt, n_dev, peak),
+        "peak_mem_gib": metrics_lib.peak_memory_gib(),
+        "temp_gib": temp_gib,
+        "loss": float(m["loss"]),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # as the backend saw them (after xla_env.configure)
+    }
+
+    if args.profile:
+        from jaxpretrain import profiling
+
+        jax.block_until_ready(state)
+        with jax.profiler.trace(args.profile):
+            for _ in range(args.profile_steps):
+                state, m = compiled(state, batch, jnp.int32(step))
+                step += 1
+            jax.block_until_ready(state)
+        ops, total_ms = profiling.top_ops(args.profile, top=args.top)
+        result["profile_dir"] = args.profile
+        result["profile_top_ops"] = [dict(name=o.name, kind=o.category, ms_per_step=o.total_ms / args.profile_steps, share=o.share) for o in ops]
+        if jax.process_index() == 0:
+            print(profiling.format_top_ops(ops, total_ms, args.profile_steps, profiling.by_category(args.profile)), flush=True)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxpretrain.config.cli import Flag
+    from jaxpretrain import xla_env
     from jaxpretrain.train.__main__ import parse_config
 
-    flags = (
-        Flag("steps", int, 10, "timed steps"),
-        Flag("warmup", int, 3, "untimed steps first (compilation, warm-up)"),
-    )
     parsed = parse_config(
-        list(sys.argv[1:] if argv is None else argv), prog="python -m jaxpretrain.bench", flags=flags,
-        description="Throughput of the recipe's real train step on synthetic tokens (no data needed); ends with `<X> tokens/s`.",
+        list(sys.argv[1:] if argv is None else argv), prog="python -m jaxpretrain.bench", flags=bench_flags(),
+        description=DESCRIPTION,
     )
-    bench(parsed.cfg, max(1, parsed.flags["steps"]), max(1, parsed.flags["warmup"]))
+    args = argparse_like(parsed.flags)
+    xla_env.configure()  # before jax starts its backend
+    result = bench(parsed.cfg, args)
+    import jax
+
+    if jax.process_index() == 0:
+        print_report(result, args.json)
     return 0
+
+
+def argparse_like(flags: dict):
+    """The parsed flags as attributes, checked."""
+    import types
+
+    for name in ("steps", "profile_steps", "top"):
+        if flags[name] < 1:
+            raise UserError(f"--{name.replace('_', '-')}: must be at least 1")
+    if flags["warmup"] < 0:
+        raise UserError("--warmup: must be 0 or more")
+    return types.SimpleNamespace(**flags)
 
 
 if __name__ == "__main__":

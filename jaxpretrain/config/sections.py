@@ -20,7 +20,10 @@ DEFAULT_MAPPING_DIR = "data/stdlib_gpt2/mapping_dir"
 
 # Fields of a `model` section that are ours; every other field of it overrides the HF config
 # (GPT-2's n_layer, Llama's hidden_size, ...) and is passed to the family's config_from.
-MODEL_OPTIONS = ("pretrained_model_name_or_path", "dtype", "attention_impl", "vocab_multiple", "remat", "load_weights", "dropout")
+MODEL_OPTIONS = (
+    "pretrained_model_name_or_path", "dtype", "attention_impl", "vocab_multiple", "remat", "remat_policy", "scan_layers",
+    "load_weights", "dropout",
+)
 
 # Validation fields that, left unset (None), take the train section's value: the seed's two sections
 # name the same files, and validating on other files or another sequence length is never what an
@@ -128,6 +131,9 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     c.loss_fn = ml_collections.ConfigDict()
     # Masked cross-entropy: summed float32 token CE / label tokens of the global batch (-100 ignored).
     c.loss_fn.name = "masked_ce"
+    # Sequence positions per chunk of the loss (jaxpretrain/train/loss.py): float32 logits exist for
+    # one chunk at a time (micro-batch x chunk_size x vocab), never the whole micro-batch; 0: off.
+    c.loss_fn.chunk_size = 128
 
     c.optimizer = ml_collections.ConfigDict()
     o = c.optimizer

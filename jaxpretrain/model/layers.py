@@ -62,17 +62,44 @@ def attention(
     dtype,
     dropout_rate: float = 0.0,
     dropout_key: jax.Array | None = None,
+    dropout_seed: int = 0,
 ) -> jax.Array:
     """Causal attention over [B, T, heads, head_dim] inputs (k, v may have fewer heads: GQA).
 
     Without attention dropout this is `jax.nn.dot_product_attention` with the kernel chosen by
-    `resolve_attention_impl`. With dropout (training with attention_dropout > 0) the scores are spelled
-    out, as the fused kernels of `jax.nn.dot_product_attention` take no dropout.
+    `resolve_attention_impl`, named explicitly (its "auto" would fall back to XLA). With dropout
+    (training with attention_dropout > 0, signalled by `dropout_key`): on the cuDNN kernel, cuDNN's
+    fused attention with its own dropout (`cudnn_attention_with_dropout`, which draws masks from
+    the static `dropout_seed` instead of the key: give each call site its own); elsewhere the
+    scores are spelled out as HF's eager attention does (`attention_with_dropout`).
     """
-    if dropout_key is not None and dropout_rate > 0:
-        return attention_with_dropout(q, k, v, scale=scale, rate=dropout_rate, key=dropout_key)
     kernel = resolve_attention_impl(impl, dtype, q.shape[-1])
+    if dropout_key is not None and dropout_rate > 0:
+        if kernel == "cudnn":
+            return cudnn_attention_with_dropout(q, k, v, scale=scale, rate=dropout_rate, seed=dropout_seed)
+        return attention_with_dropout(q, k, v, scale=scale, rate=dropout_rate, key=dropout_key)
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=kernel)
+
+
+def cudnn_attention_with_dropout(q, k, v, *, scale: float, rate: float, seed: int) -> jax.Array:
+    """cuDNN flash attention (causal, BTNH) with dropout on the probabilities, fused in the kernel.
+
+    cuDNN draws the masks itself from Philox(seed, offset): `seed` is fixed when the step compiles and
+    XLA advances the offset by every execution of the op, separately for the forward and the
+    backward op, so the backward pass regenerates the forward's mask. Consequences: call sites need
+    distinct seeds (else layers would share masks); a call site must run its forward and backward
+    ops equally often, in the same order (true for a layer under grad accumulation and remat, not
+    for one op reused by a scan over layers, whose backward walks the layers in reverse); masks
+    are not keyed by the step, so a resumed run draws different attention masks than an
+    uninterrupted one; and every data-parallel device draws the same masks for its rows.
+    """
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_dot_product_attention
+
+    return cudnn_dot_product_attention(
+        q, k, v, scale=scale, mask_type=MaskType.CAUSAL, seed=int(seed) % 2**31, dropout_rate=float(rate),
+        qkv_layout="BTNH",
+    )
 
 
 def attention_with_dropout(q, k, v, *, scale: float, rate: float, key) -> jax.Array:
@@ -118,6 +145,29 @@ def remat_block(block: nnx.Module, x: jax.Array, key: jax.Array | None, remat: b
     graphdef, state = nnx.split(block)
     run = jax.checkpoint(lambda s, y, k: nnx.merge(graphdef, s)(y, k), policy=policy)
     return run(state, x, key)
+
+
+def scan_blocks(blocks, x: jax.Array, keys: list, remat: bool | str = False) -> jax.Array:
+    """`for block, key in zip(blocks, keys): x = block(x, key)` as one `lax.scan` over the blocks.
+
+    The parameters stay per layer (checkpoints and HF name tables do not change); they are stacked
+    here, inside the traced step, into [n_layer, ...] arrays that the scan slices one layer at a time,
+    so XLA compiles one block instead of n_layer. The blocks must be alike up to their parameter
+    values: the first block's structure (its static attributes) is used for all of them. `keys`: one
+    dropout key per block, or all None. `remat` composes: it wraps the scanned body.
+    """
+    graphdef, _ = nnx.split(blocks[0])
+    stacked = jax.tree.map(lambda *layer: jnp.stack(layer), *(nnx.state(b) for b in blocks))
+    use_keys = keys[0] is not None
+
+    def body(h, xs):
+        state, key = xs if use_keys else (xs, None)
+        return nnx.merge(graphdef, state)(h, key), None
+
+    if remat:
+        body = jax.checkpoint(body, policy=getattr(jax.checkpoint_policies, remat) if isinstance(remat, str) else None)
+    xs = (stacked, jnp.stack(keys)) if use_keys else stacked
+    return jax.lax.scan(body, x, xs)[0]
 
 
 def padded_size(vocab_size: int, multiple: int) -> int:

@@ -23,6 +23,7 @@ from jaxpretrain.errors import UserError
 from jaxpretrain.train import metrics as metrics_lib
 from jaxpretrain.train import report
 from jaxpretrain.train.numerics import NonFiniteError, NonFiniteGuard, all_finite
+from jaxpretrain.train.prefetch import DevicePrefetcher
 from jaxpretrain.train.preemption import EXIT_STOPPED, StopSignal
 from jaxpretrain.train.setup import Run, setup, validation_loader
 
@@ -57,6 +58,8 @@ class Trainer:
     def __init__(self, r: Run, stop: StopSignal):
         self.r, self.stop = r, stop
         self.state = r.state
+        # Train batches reach the devices one step ahead; checkpoints save the position it keeps.
+        self.batches = DevicePrefetcher(r.data_iter, r.mesh)
         cfg = r.cfg
         self.run_dir = os.path.abspath(cfg.logging.run_dir or os.path.join(cfg.checkpoint.checkpoint_dir, "logs"))
         self.sinks = metrics_lib.MetricSinks(
@@ -143,7 +146,9 @@ class Trainer:
                 f"saving; {self.kept()}"
             )
         meta = {"step": step, "config": cfg.to_dict(), "model_config": t.hf_config.to_dict(), "tokenizer": cfg.dataset.tokenizer}
-        r.checkpointer.save(step, params=self.state["params"], opt_state=self.state["opt_state"], data_iterator=r.data_iter, meta=meta)
+        r.checkpointer.save(
+            step, params=self.state["params"], opt_state=self.state["opt_state"], data_iterator=self.batches.position(), meta=meta
+        )
         self.last_saved = step
         if cfg.checkpoint.save_consolidated:
             r.checkpointer.wait()
@@ -236,7 +241,7 @@ class Trainer:
         pending, step, stopping = None, r.start_step, False
         eval_every = int(r.cfg.eval.eval_every_steps or ss.val_every_steps or total)
         for step in range(r.start_step + 1, total + 1):
-            batch = parallel.make_global_batch(next(r.data_iter), r.mesh)
+            batch = next(self.batches)
             self.state, device_metrics = r.training.train_step(self.state, batch, jnp.int32(step - 1))
             if pending is not None:
                 self.report(*pending)

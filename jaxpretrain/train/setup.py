@@ -118,7 +118,8 @@ def model_options(cfg) -> dict:
         dtype=jnp.dtype(cfg.model.dtype),
         attention_impl=cfg.model.attention_impl,
         vocab_multiple=int(cfg.model.vocab_multiple),
-        remat=cfg.model.remat,
+        remat=(cfg.model.get("remat_policy") or True) if cfg.model.remat else False,
+        scan_layers=bool(cfg.model.get("scan_layers", False)),
     )
 
 
@@ -147,6 +148,14 @@ class Training:
         return M.flops_per_token(self.hf_config, seq_len)
 
 
+def loss_chunk_size(cfg) -> int:
+    """loss_fn.chunk_size, checked: sequence positions per chunk of the chunked loss (0: the plain loss)."""
+    chunk = cfg.loss_fn.get("chunk_size", 0) or 0
+    if not isinstance(chunk, int) or chunk < 0:
+        raise UserError(f"loss_fn.chunk_size: must be a whole number >= 0 (0: the plain loss), got {chunk!r}")
+    return chunk
+
+
 def build_training(cfg, mesh, plan: BatchPlan, hf_config=None) -> Training:
     hf_config = hf_config or model_config(cfg)
     model = build_model(cfg, hf_config, mesh)
@@ -168,9 +177,12 @@ def build_training(cfg, mesh, plan: BatchPlan, hf_config=None) -> Training:
         graphdef, rest, optimizer, mesh=mesh, data_axes=parallel.DATA_AXES, grad_accum=plan.grad_accum,
         max_grad_norm=float(cfg.optimizer.max_grad_norm), dropout_seed=int(cfg.rng.seed),
         deterministic=not M.family_of(hf_config).dropout_active(hf_config), state_shardings=state_shardings,
-        batch_sharding=batch_sharding,
+        batch_sharding=batch_sharding, loss_chunk_size=loss_chunk_size(cfg),
     )
-    eval_step = make_eval_step(graphdef, rest, mesh=mesh, param_shardings=param_shardings, batch_sharding=batch_sharding)
+    eval_step = make_eval_step(
+        graphdef, rest, mesh=mesh, param_shardings=param_shardings, batch_sharding=batch_sharding,
+        loss_chunk_size=loss_chunk_size(cfg),
+    )
     return Training(hf_config, graphdef, rest, state, state_shardings, lr_schedule, train_step, eval_step, n_params)
 
 
@@ -274,6 +286,7 @@ def setup(cfg, source: str | None = None) -> Run:
     plan = plan_batches(cfg, parallel.data_parallel_size(mesh))
     hf_config = model_config(cfg)
     build_optimizer(cfg, schedule_lib.from_config(cfg))  # schedule and optimizer mistakes: one line, now
+    loss_chunk_size(cfg)
     if cfg.checkpoint.enabled:
         check_resumable(cfg, hf_config)
     hellaswag_items = None

@@ -15,14 +15,24 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-IGNORE_INDEX = -100  # labels equal to this contribute no loss and do not count as label tokens
+from jaxpretrain.train import loss as loss_lib
+from jaxpretrain.train.loss import IGNORE_INDEX
+
+masked_ce_sum = loss_lib.masked_ce_sum_from_logits  # the plain loss on logits (kept for callers)
 
 
-def masked_ce_sum(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed float32 token cross-entropy and the number of label tokens (labels != -100)."""
-    mask = labels != IGNORE_INDEX
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(mask, labels, 0))
-    return jnp.sum(jnp.where(mask, ce, 0.0)), jnp.sum(mask)
+def model_ce_sum(model, micro, *, chunk_size: int | None, deterministic: bool, rngs=None):
+    """The model's summed float32 CE and label-token count on a micro-batch.
+
+    chunk_size: sequence positions per chunk of the chunked loss (train/loss.py), which never holds
+    the whole micro-batch's float32 logits; None or 0: the plain loss on the model's full logits.
+    """
+    if not chunk_size:
+        logits = model(micro["input_ids"], deterministic=deterministic, rngs=rngs)
+        return loss_lib.masked_ce_sum_from_logits(logits, micro["labels"])
+    h = model.hidden_states(micro["input_ids"], deterministic=deterministic, rngs=rngs)
+    w, vocab_size = model.head_weights()
+    return loss_lib.masked_ce_sum(h, w, micro["labels"], vocab_size=vocab_size, chunk_size=chunk_size)
 
 
 def num_label_tokens(labels: jax.Array) -> jax.Array:
@@ -66,6 +76,7 @@ def make_train_step(
     deterministic: bool,
     state_shardings: Any,
     batch_sharding: NamedSharding,
+    loss_chunk_size: int | None = None,
 ):
     """Returns `train_step(state, batch, step) -> (state, metrics)`, jitted with donated state.
 
@@ -75,8 +86,7 @@ def make_train_step(
 
     def loss_fn(params, micro, key, denom):
         model = nnx.merge(graphdef, params, rest)
-        logits = model(micro["input_ids"], deterministic=deterministic, rngs=key)
-        ce_sum, _ = masked_ce_sum(logits, micro["labels"])
+        ce_sum, _ = model_ce_sum(model, micro, chunk_size=loss_chunk_size, deterministic=deterministic, rngs=key)
         return ce_sum / denom
 
     def train_step(state, batch, step):
@@ -129,13 +139,12 @@ def make_train_step(
     )
 
 
-def make_eval_step(graphdef, rest, *, mesh, param_shardings, batch_sharding):
+def make_eval_step(graphdef, rest, *, mesh, param_shardings, batch_sharding, loss_chunk_size: int | None = None):
     """Returns `eval_step(params, batch) -> (summed CE, label tokens)`, dropout off."""
 
     def eval_step(params, batch):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             model = nnx.merge(graphdef, params, rest)
-            logits = model(batch["input_ids"], deterministic=True)
-            return masked_ce_sum(logits, batch["labels"])
+            return model_ce_sum(model, batch, chunk_size=loss_chunk_size, deterministic=True)
 
     return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding))

@@ -75,6 +75,7 @@ class Attention(nnx.Module):
         self.n_head, self.head_dim = config.n_head, d // config.n_head
         self.dtype, self.attention_impl = dtype, attention_impl
         self.attn_pdrop, self.resid_pdrop = float(config.attn_pdrop), float(config.resid_pdrop)
+        self.layer_idx = layer_idx  # also the static seed of cuDNN's attention dropout (layers.attention)
         self.scale = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             self.scale /= layer_idx + 1
@@ -92,7 +93,7 @@ class Attention(nnx.Module):
         attn_key, resid_key = jax.random.split(key) if key is not None else (None, None)
         y = layers.attention(
             q, k, v, scale=self.scale, impl=self.attention_impl, dtype=self.dtype,
-            dropout_rate=self.attn_pdrop, dropout_key=attn_key,
+            dropout_rate=self.attn_pdrop, dropout_key=attn_key, dropout_seed=self.layer_idx,
         )
         y = self.c_proj(y.reshape(b, t, d))
         return _dropout(y, self.resid_pdrop, resid_key)
@@ -152,6 +153,19 @@ class Block(nnx.Module):
 # ------------------------------------------------------------------------------------------------
 
 
+def _check_scannable(config: GPT2Config, attention_impl, dtype) -> None:
+    """A layer scan runs one block's code for every layer: the blocks must not differ but in weights."""
+    if config.scale_attn_by_inverse_layer_idx:
+        raise UserError("model.scan_layers: scale_attn_by_inverse_layer_idx gives each layer its own code; use scan_layers=False")
+    head_dim = config.n_embd // config.n_head
+    if float(config.attn_pdrop) > 0 and layers.resolve_attention_impl(attention_impl, dtype, head_dim) == "cudnn":
+        raise UserError(
+            "model.scan_layers: cuDNN's attention dropout ties its masks to the order of calls, which a layer scan "
+            "reverses in the backward pass; set model.dropout=0.0, scan_layers=False or attention_impl='xla'"
+        )
+
+
+
 class GPT2LMHeadModel(nnx.Module):
     """GPT-2 with a tied LM head: `model(input_ids) -> float32 logits [B, T, vocab_size]`.
 
@@ -160,6 +174,8 @@ class GPT2LMHeadModel(nnx.Module):
     vocab_multiple: pad the embedding rows to a multiple of this (1 = no padding).
     remat: recompute each block in the backward pass; True (save nothing) or the name of a
       `jax.checkpoint_policies` policy, e.g. "dots_with_no_batch_dims_saveable".
+    scan_layers: run the blocks as one `lax.scan` (layers.scan_blocks): XLA compiles one block, not
+      n_layer; parameters, checkpoints and HF weights are unchanged.
     """
 
     def __init__(
@@ -172,10 +188,13 @@ class GPT2LMHeadModel(nnx.Module):
         attention_impl: str | None = None,
         vocab_multiple: int = 1,
         remat: bool | str = False,
+        scan_layers: bool = False,
     ):
         config = config_from(config)
         layers.check_attention_impl(attention_impl)
         layers.check_remat(remat)
+        if scan_layers:
+            _check_scannable(config, attention_impl, dtype)
         # The HF config is kept as JSON: a module's static attributes must be hashable.
         self.config_json = config.to_json_string(use_diff=False)
         self.vocab_size = config.vocab_size
@@ -183,7 +202,7 @@ class GPT2LMHeadModel(nnx.Module):
         self.n_positions = config.n_positions
         self.max_positions = config.n_positions  # the longest sequence generation allows
         self.embd_pdrop = float(config.embd_pdrop)
-        self.dtype, self.remat = dtype, remat
+        self.dtype, self.remat, self.scan_layers = dtype, remat, bool(scan_layers)
         self.has_dropout = any(float(p) > 0 for p in (config.embd_pdrop, config.attn_pdrop, config.resid_pdrop))
 
         std = config.initializer_range
@@ -226,8 +245,11 @@ class GPT2LMHeadModel(nnx.Module):
         wte = self.wte.embedding[...].astype(self.dtype)
         x = jnp.take(wte, input_ids, axis=0) + self.wpe.embedding[...][:t].astype(self.dtype)
         x = parallel.constrain(_dropout(x, self.embd_pdrop, keys[0]), ("batch", "length", "act_embed"))
-        for block, block_key in zip(self.h, keys[1:]):
-            x = layers.remat_block(block, x, block_key, self.remat) if self.remat else block(x, block_key)
+        if self.scan_layers:
+            x = layers.scan_blocks(self.h, x, keys[1:], self.remat)
+        else:
+            for block, block_key in zip(self.h, keys[1:]):
+                x = layers.remat_block(block, x, block_key, self.remat) if self.remat else block(x, block_key)
         return self.ln_f(x)
 
     def head_weights(self) -> tuple[jax.Array, int]:
