@@ -66,3 +66,22 @@ def test_scan_model_saves_and_loads_the_same_hf_weights(tmp_path):
 def test_layer_dependent_config_cannot_scan():
     with pytest.raises(UserError, match="model.scan_layers"):
         M.create_model(GPT2Config(**CONFIG, scale_attn_by_inverse_layer_idx=True), scan_layers=True)
+
+
+def test_llama_scan_equals_unrolled():
+    """The Llama family's blocks (rotary, GQA, SwiGLU) under the same scan, remat composed."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=False,
+    )
+    plain = M.create_model(config, seed=5)
+    scanned = M.create_model(config, seed=5, scan_layers=True, remat="dots_with_no_batch_dims_saveable")
+    assert scanned.scan_layers and not plain.scan_layers
+    assert jax.tree.structure(nnx.state(plain, nnx.Param)) == jax.tree.structure(nnx.state(scanned, nnx.Param))
+    lp, gp = _loss_and_grads(plain, _batch(1), 0, False)
+    ls, gs = _loss_and_grads(scanned, _batch(1), 5, False)
+    np.testing.assert_allclose(float(ls), float(lp), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gp)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)

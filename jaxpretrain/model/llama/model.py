@@ -23,6 +23,7 @@ from flax import nnx
 from transformers import PretrainedConfig
 
 from jaxpretrain import parallel
+from jaxpretrain.errors import UserError
 from jaxpretrain.model import layers
 from jaxpretrain.model.llama import config as config_lib
 
@@ -177,6 +178,8 @@ class LlamaForCausalLM(nnx.Module):
     vocab_multiple: pad the embedding (and LM head) rows to a multiple of this (1 = no padding).
     remat: recompute each block in the backward pass; True (save nothing) or the name of a
       `jax.checkpoint_policies` policy, e.g. "dots_with_no_batch_dims_saveable".
+    scan_layers: run the blocks as one `lax.scan` (layers.scan_blocks): XLA compiles one block, not
+      num_hidden_layers; parameters, checkpoints and HF names stay per layer.
     """
 
     def __init__(
@@ -189,17 +192,25 @@ class LlamaForCausalLM(nnx.Module):
         attention_impl: str | None = None,
         vocab_multiple: int = 1,
         remat: bool | str = False,
+        scan_layers: bool = False,
     ):
         config = config_lib.config_from(config)
         layers.check_attention_impl(attention_impl)
         layers.check_remat(remat)
+        if scan_layers and float(config.attention_dropout or 0.0) > 0:
+            head_dim = config_lib.head_dim(config)
+            if layers.resolve_attention_impl(attention_impl, dtype, head_dim) == "cudnn":
+                raise UserError(
+                    "model.scan_layers: cuDNN's attention dropout ties its masks to the order of calls, which a layer "
+                    "scan reverses in the backward pass; set attention_dropout=0, scan_layers=False or attention_impl='xla'"
+                )
         # The HF config is kept as JSON: a module's static attributes must be hashable.
         self.config_json = config.to_json_string(use_diff=False)
         self.vocab_size = config.vocab_size
         self.padded_vocab_size = layers.padded_size(config.vocab_size, vocab_multiple)
         self.tie_word_embeddings = bool(config.tie_word_embeddings)
         self.has_dropout = float(config.attention_dropout or 0.0) > 0
-        self.dtype, self.remat = dtype, remat
+        self.dtype, self.remat, self.scan_layers = dtype, remat, bool(scan_layers)
         self.max_positions = config.max_position_embeddings  # the longest sequence generation allows
         self.n_kv_head, self.head_dim = config.num_key_value_heads, config_lib.head_dim(config)
 
@@ -235,8 +246,11 @@ class LlamaForCausalLM(nnx.Module):
 
         x = jnp.take(self.embed_tokens.embedding[...].astype(self.dtype), input_ids, axis=0)
         x = parallel.constrain(x, ("batch", "length", "act_embed"))
-        for layer, layer_key in zip(self.layers, keys):
-            x = layers.remat_block(layer, x, layer_key, self.remat) if self.remat else layer(x, layer_key)
+        if self.scan_layers:
+            x = layers.scan_blocks(self.layers, x, keys, self.remat)
+        else:
+            for layer, layer_key in zip(self.layers, keys):
+                x = layers.remat_block(layer, x, layer_key, self.remat) if self.remat else layer(x, layer_key)
         return self.norm(x)
 
     def __call__(
