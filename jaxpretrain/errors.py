@@ -7,6 +7,7 @@ Bugs (any other exception) still show their traceback: those are ours to fix, no
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Callable
@@ -29,6 +30,10 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         code = main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        # The one line above is the report. A background write that failed the same way (Orbax's
+        # asyncio tasks on a full disk) would otherwise add asyncio's "exception was never
+        # retrieved" traceback when its future is collected at exit.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)

@@ -537,7 +537,9 @@ def _no_documents_message(keys, keys_seen: Counter, skipped: Counter, files: lis
     where = files[0] if len(files) == 1 else f"--input ({len(files)} files)"
     missing = [r for r in skipped if r.startswith("missing key")]
     if missing and sum(skipped[r] for r in missing) == sum(skipped.values()):
-        seen = ", ".join(repr(k) for k, _ in keys_seen.most_common(12)) or "none"
+        # The most frequent keys first, ties by name: the same line whatever order workers finished in.
+        common = sorted(keys_seen.items(), key=lambda kv: (-kv[1], kv[0]))[:12]
+        seen = ", ".join(repr(k) for k, _ in common) or "none"
         return f"{where}: no row has the key {keys[0]!r} (--json-keys); keys seen: {seen}; nothing was written"
     reasons = ", ".join(f"{r} {n:,}" for r, n in skipped.most_common()) or "the input is empty"
     return f"{where}: no usable document ({reasons}); nothing was written"
