@@ -21,11 +21,26 @@ class ConfigError(UserError, ValueError):
     """A config value that cannot work (also a ValueError, for library callers that expect one)."""
 
 
+def keep_torch_out() -> None:
+    """Make torch invisible to this process, so that transformers does not import it.
+
+    Our CLIs use transformers only for configs and tokenizers, yet where torch is installed (most ML
+    environments) importing any config class imports torch too (`modeling_rope_utils`): 1-5 s of
+    start-up per process, in every process of a multi-process run, for nothing. A `None` entry in
+    `sys.modules` makes `importlib.util.find_spec("torch")` answer None (transformers then takes
+    torch as absent) and `import torch` raise ImportError. `JAXPRETRAIN_ALLOW_TORCH=1` turns it off.
+    """
+    if os.environ.get("JAXPRETRAIN_ALLOW_TORCH", "") not in ("", "0") or "torch" in sys.modules:
+        return
+    sys.modules["torch"] = None  # type: ignore[assignment]
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run a CLI `main(argv)`; a UserError becomes `error: ...` on stderr and exit status 2."""
     # transformers advises "PyTorch was not found" at every import, in every worker process; torch is
     # not needed here (only tokenizers and configs are used), so that advice is noise to our users.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    keep_torch_out()
     try:
         code = main(argv)
     except UserError as e:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from jaxpretrain.data.indexed import IndexedDatasetBuilder, dtype_for_vocab
-from jaxpretrain.errors import UserError, run_cli
+from jaxpretrain.errors import UserError, keep_torch_out, run_cli
 from jaxpretrain.tokenizer import GPT2_EOS_ID, GPT2_VOCAB_SIZE, is_embedded_gpt2_name
 
 # Work unit size: small enough to spread one file over the workers and bound memory, big enough that
@@ -162,6 +162,8 @@ _WORKER: dict = {}  # per-process state set by init_worker: config and encoder
 def init_worker(config: WorkerConfig, fast_encoder=None) -> None:
     """Set up tokenization in this process. `fast_encoder`: one built already (inherited through fork)."""
     _WORKER["config"] = config
+    if multiprocessing.parent_process() is not None:  # a pool worker of ours: it only tokenizes
+        keep_torch_out()
     if config.fast_gpt2:
         from jaxpretrain.tokenizer import GPT2FastEncoder
 

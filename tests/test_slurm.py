@@ -59,28 +59,27 @@ def job_flags(token_glob: str, ckpt: str, layout: str) -> list[str]:
     }))
 
 
-def sbatch_wait(cluster, flags, out_file, env) -> tuple[subprocess.Popen, str]:
-    """`sbatch --wait --ntasks=2 train.sbatch FLAGS` started in the background; returns it and the job id."""
-    proc = subprocess.Popen(
-        ["sbatch", "--wait", "--ntasks=2", f"--output={out_file}", SCRIPT, *flags],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    first = proc.stdout.readline()
-    m = re.search(r"Submitted batch job (\d+)", first)
-    if not m:
-        proc.kill()
-        pytest.fail(f"sbatch: {first}{proc.stdout.read()}\n{cluster.logs()}")
-    return proc, m.group(1)
+DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
-def finish(cluster, proc, job, out_file) -> int:
-    try:
-        proc.wait(timeout=JOB_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        cluster.run("scancel", job)
-        proc.kill()
-        pytest.fail(f"job {job} still running after {JOB_TIMEOUT} s:\n{read(out_file)[-4000:]}\n{cluster.logs()}")
-    return proc.returncode
+def sbatch(cluster, flags, out_file, env) -> str:
+    """`sbatch --ntasks=2 train.sbatch FLAGS`; returns the job id. (Polled by `finish` rather than
+    `sbatch --wait`, which looks every few seconds, then only every 32.)"""
+    r = cluster.run("sbatch", "--parsable", "--ntasks=2", f"--output={out_file}", SCRIPT, *flags, cwd=ROOT, env=env)
+    if r.returncode != 0:
+        pytest.fail(f"sbatch: {r.stdout}{r.stderr}\n{cluster.logs()}")
+    return r.stdout.strip().split(";")[0]
+
+
+def finish(cluster, job, out_file) -> int:
+    """Wait for the job's final state (a requeued job passes through REQUEUED and PENDING); its exit status."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while cluster.job_state(job) not in DONE:
+        if time.monotonic() > deadline:
+            cluster.run("scancel", job)
+            pytest.fail(f"job {job} still running after {JOB_TIMEOUT} s:\n{read(out_file)[-4000:]}\n{cluster.logs()}")
+        time.sleep(0.25)
+    return int(cluster.job_field(job, "ExitCode").split(":")[0])
 
 
 def read(path) -> str:
@@ -98,24 +97,24 @@ def jobs(slurm, token_glob, tmp_path_factory):
     ckpt = {name: str(work / name / "ckpt") for name in ("job", "preempted", "single")}
     out = {name: str(work / f"{name}.out") for name in ("job", "preempted")}
 
-    job, job_id = sbatch_wait(slurm, job_flags(token_glob, ckpt["job"], "two_processes"), out["job"], job_env(slurm))
+    job_id = sbatch(slurm, job_flags(token_glob, ckpt["job"], "two_processes"), out["job"], job_env(slurm))
     single = subprocess.Popen(
         [sys.executable, "-m", "jaxpretrain.train", *job_flags(token_glob, ckpt["single"], "one_device")], cwd=ROOT,
         env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    codes = {"job": finish(slurm, job, job_id, out["job"])}
+    codes = {"job": finish(slurm, job_id, out["job"])}
 
     env = job_env(slurm, JAXPRETRAIN_PYTHON=sys.executable)
-    preempted, pre_id = sbatch_wait(slurm, job_flags(token_glob, ckpt["preempted"], "two_processes"), out["preempted"], env)
+    pre_id = sbatch(slurm, job_flags(token_glob, ckpt["preempted"], "two_processes"), out["preempted"], env)
     train_log = os.path.join(ckpt["preempted"], "logs", "train.jsonl")
     deadline = time.monotonic() + JOB_TIMEOUT
     while not (os.path.exists(train_log) and any(json.loads(line)["step"] >= 2 for line in open(train_log))):
-        if preempted.poll() is not None or time.monotonic() > deadline:
+        if slurm.job_state(pre_id) in DONE or time.monotonic() > deadline:
             pytest.fail(f"job {pre_id} never reached step 2:\n{read(out['preempted'])[-4000:]}")
         time.sleep(0.1)
     r = slurm.run("scancel", "--signal=TERM", pre_id)
     assert r.returncode == 0, r.stdout + r.stderr
-    codes["preempted"] = finish(slurm, preempted, pre_id, out["preempted"])
+    codes["preempted"] = finish(slurm, pre_id, out["preempted"])
     single_out = single.communicate(timeout=JOB_TIMEOUT)[0]
     assert single.returncode == 0, single_out[-3000:]
     restarts = {"job": slurm.job_field(job_id, "Restarts"), "preempted": slurm.job_field(pre_id, "Restarts")}
@@ -154,15 +153,8 @@ def test_scancel_term_saves_requeues_and_resumes_to_the_same_losses(jobs):
 def test_a_failed_run_is_not_requeued(slurm, tmp_path):
     out_file = str(tmp_path / "bad.out")
     flags = ["--config", "configs/gpt2.py:tiny", "--config.step_scheduler.max_steps=0", f"--config.checkpoint.checkpoint_dir={tmp_path}/ckpt"]
-    r = slurm.run("sbatch", "--parsable", "--ntasks=2", f"--output={out_file}", SCRIPT, *flags, cwd=ROOT, env=job_env(slurm))
-    assert r.returncode == 0, r.stdout + r.stderr
-    job = r.stdout.strip().split(";")[0]
-    # Polled here rather than with sbatch --wait, which looks only every few seconds, then every 32.
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while slurm.job_state(job) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-        assert time.monotonic() < deadline, read(out_file)
-        time.sleep(0.5)
-    code = int(slurm.job_field(job, "ExitCode").split(":")[0])
+    job = sbatch(slurm, flags, out_file, job_env(slurm))
+    code = finish(slurm, job, out_file)
     out = read(out_file)
     # The task that failed first exits 2; srun (--kill-on-bad-exit) may end the other, still starting,
     # with SIGTERM, and the job's status is then the highest of the two: 143.
