@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -12,6 +15,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Never reach for the Hugging Face hub from tests (there is no network, and a hang would cost minutes).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# One JAX compilation cache for the session, inherited by every process a test starts: dozens of
+# train CLI runs compile the same tiny programs, and a cache hit returns the same executable, so
+# results are unchanged (bit-identical resume tests included). Removed when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _jax_cache = tempfile.mkdtemp(prefix="jaxpretrain-tests-jax-cache-")
+    atexit.register(shutil.rmtree, _jax_cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _jax_cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def run_module(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -88,6 +100,22 @@ def iter_texts(path, key="text"):
 def stdlib_reference(stdlib_jsonl, gpt2_tokenizer, tmp_path_factory) -> list[str]:
     """megatron-core's files for `stdlib_jsonl` with HF GPT-2 ids + eos, one prefix per chunk."""
     return megatron_reference(stdlib_jsonl, str(tmp_path_factory.mktemp("reference")), gpt2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def token_glob(tmp_path_factory):
+    """A small real corpus (CPython stdlib sources) preprocessed by our CLI into Megatron files; one
+    for the session (every training test reads it; each run keeps its own index cache)."""
+    from jaxpretrain.data.stdlib_corpus import write_stdlib_jsonl
+
+    root = tmp_path_factory.mktemp("corpus")
+    write_stdlib_jsonl(str(root / "jsonl"), num_files=2, max_docs=300)
+    r = run_module(
+        "jaxpretrain.preprocess", "--input", str(root / "jsonl" / "*.jsonl"), "--json-keys", "text",
+        "--output-prefix", "processed_data", "--output-path", str(root / "tok"), "--workers", "2", "--append-eod",
+    )
+    assert r.returncode == 0, r.stderr
+    return str(root / "tok" / "processed_data_*_text_document*")
 
 
 def word_level_tokenizer(vocab_size=100):

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from test_config import seed_yaml_with_paths
-from test_train import STEP_LINE, VAL_LINE, as_flags, python, tiny_overrides, token_glob  # noqa: F401
+from test_train import STEP_LINE, VAL_LINE, as_flags, python, tiny_overrides
 
 SMALL = [
     "--config.model.n_layer=2", "--config.model.n_embd=64", "--config.model.n_head=4", "--config.model.n_positions=64",

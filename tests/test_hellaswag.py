@@ -305,15 +305,14 @@ def test_sharded_params_and_batches_give_the_one_device_losses(random_gpt2):
 # -- (e) during training ----------------------------------------------------------------------------
 
 
-def test_training_logs_hellaswag_at_the_scoring_of_its_checkpoint(random_gpt2, tmp_path):
+def test_training_logs_hellaswag_at_the_scoring_of_its_checkpoint(random_gpt2, token_glob, tmp_path):
     """`eval.hellaswag_path` during training: the `[eval]` line's acc_norm is build-nanogpt's torch
     scoring of the checkpoint saved at that step."""
-    from test_train import as_flags, python, tiny_overrides, token_glob  # noqa: F401  (fixture below)
+    from test_train import as_flags, python, tiny_overrides
 
     _, data, _ = random_gpt2
-    glob_ = _corpus_glob(tmp_path)
     ckpt = str(tmp_path / "ckpt")
-    o = tiny_overrides(glob_, ckpt, **{
+    o = tiny_overrides(token_glob, ckpt, **{
         "model.dropout": 0.0, "step_scheduler.max_steps": 2, "step_scheduler.ckpt_every_steps": 2,
         "lr_scheduler.lr_warmup_steps": 1, "eval.hellaswag_path": data, "eval.batch_size": 8,
     })
@@ -333,12 +332,3 @@ def test_training_logs_hellaswag_at_the_scoring_of_its_checkpoint(random_gpt2, t
     assert abs(float(np.mean(np.argmin(sums, axis=1) == labels)) - logged[0]["hellaswag_acc"]) < 1e-9
 
 
-def _corpus_glob(tmp_path) -> str:
-    """A small real corpus (CPython stdlib sources) preprocessed into Megatron files."""
-    from jaxpretrain.data.stdlib_corpus import write_stdlib_jsonl
-
-    write_stdlib_jsonl(str(tmp_path / "jsonl"), num_files=1, max_docs=200)
-    r = run_module("jaxpretrain.preprocess", "--input", str(tmp_path / "jsonl" / "*.jsonl"), "--json-keys", "text",
-                   "--output-prefix", "p", "--output-path", str(tmp_path / "tok"), "--workers", "1", "--append-eod")
-    assert r.returncode == 0, r.stderr
-    return str(tmp_path / "tok" / "p_*_text_document*")

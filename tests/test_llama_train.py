@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_train import ROOT, SEQ, STEP_LINE, VAL_LINE, python, token_glob, train_losses  # noqa: F401 (fixture)
+from test_train import ROOT, SEQ, STEP_LINE, VAL_LINE, python, train_losses
 
 STEPS = 12
 VAL_SAMPLES = 16

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from test_multiprocess_train import Processes, losses_of
-from test_train import as_flags, tiny_overrides, token_glob  # noqa: F401
+from test_train import as_flags, tiny_overrides
 
 STEPS, CKPT_AT = 6, 3
 GLOBAL = 8

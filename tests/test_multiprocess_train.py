@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from test_train import ROOT, STEP_LINE, as_flags, python, tiny_overrides, token_glob  # noqa: F401
+from test_train import ROOT, STEP_LINE, as_flags, python, tiny_overrides
 
 EXIT_STOPPED = 75  # the train CLI's status after SIGTERM and a saved checkpoint (train/preemption.py)
 

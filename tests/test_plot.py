@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from test_train import as_flags, python, tiny_overrides, token_glob  # noqa: F401  (token_glob: a fixture)
+from test_train import as_flags, python, tiny_overrides
 
 pytest.importorskip("matplotlib")  # the test extra installs it; the plot is an optional extra
 

@@ -17,7 +17,7 @@ import pytest
 
 from slurm_cluster import SlurmCluster, missing_binaries
 from test_multiprocess_train import GLOBAL, LOCAL, free_port, losses_of
-from test_train import ROOT, STEP_LINE, as_flags, python, tiny_overrides, token_glob  # noqa: F401
+from test_train import ROOT, STEP_LINE, as_flags, python, tiny_overrides
 
 STEPS = 16  # long enough that a signal sent at step 2 lands before the end
 SCRIPT = os.path.join("scripts", "slurm", "train.sbatch")

@@ -30,21 +30,6 @@ def python(*args, env=None, timeout=600, **kw):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
 
 
-@pytest.fixture(scope="module")
-def token_glob(tmp_path_factory):
-    """A small real corpus (CPython stdlib sources) preprocessed by our CLI into Megatron files."""
-    from jaxpretrain.data.stdlib_corpus import write_stdlib_jsonl
-
-    root = tmp_path_factory.mktemp("corpus")
-    write_stdlib_jsonl(str(root / "jsonl"), num_files=2, max_docs=300)
-    r = python(
-        "-m", "jaxpretrain.preprocess", "--input", str(root / "jsonl" / "*.jsonl"), "--json-keys", "text",
-        "--output-prefix", "processed_data", "--output-path", str(root / "tok"), "--workers", "2", "--append-eod",
-    )
-    assert r.returncode == 0, r.stderr
-    return str(root / "tok" / "processed_data_*_text_document*")
-
-
 def tiny_overrides(token_glob: str, ckpt_dir: str, **extra) -> dict:
     o = {
         "model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4, "model.n_positions": 64,
