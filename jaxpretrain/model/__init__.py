@@ -41,7 +41,13 @@ def param_l2_norm(model_or_params) -> jax.Array:
     params = model_or_params
     if isinstance(params, nnx.Module):
         params = nnx.state(params, nnx.Param)
-    leaves = jax.tree.leaves(params)
+    return _global_l2_norm(jax.tree.leaves(params))
+
+
+@jax.jit
+def _global_l2_norm(leaves: list[jax.Array]) -> jax.Array:
+    # One program for the whole tree: op by op, each parameter shape would compile (and, in a
+    # multi-process run, launch) its own few small cross-process programs.
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
