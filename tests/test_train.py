@@ -190,7 +190,6 @@ def test_mesh_layouts_train_like_one_device(token_glob, tmp_path):
 @pytest.mark.parametrize(
     "flags,expected",
     [
-        (["--config.model.no_such_field=1"], "no_such_field"),
         (["--config.step_scheduler.local_batch_size=3"], "step_scheduler.global_batch_size"),
         (["--config.dataset.paths=/nonexistent/prefix_*_text_document*"], "/nonexistent/prefix_"),
         (["--config.model.n_positions=16"], "dataset.seq_length"),
