@@ -35,6 +35,9 @@ def parse_config(argv: list[str], *, prog: str = "python -m jaxpretrain.train", 
 
 def main(argv: list[str] | None = None) -> int:
     parsed = parse_config(list(sys.argv[1:] if argv is None else argv))
+    from jaxpretrain.train import precheck
+
+    precheck.check(parsed.cfg)  # schedule and optimizer mistakes answer before jax is imported
     from jaxpretrain import xla_env
 
     xla_env.configure()  # GPU XLA flags under the user's XLA_FLAGS, before jax starts its backend

@@ -6,11 +6,21 @@ Gradient clipping is not part of this chain: the train step computes the global 
 
 from __future__ import annotations
 
-import optax
+from typing import TYPE_CHECKING
 
 from jaxpretrain.errors import ConfigError
-
 from jaxpretrain.train.schedule import LRSchedule
+
+if TYPE_CHECKING:
+    import optax
+
+SUPPORTED = ("adamw",)
+
+
+def check_optimizer(cfg) -> None:
+    """The `optimizer` section's choices (no jax needed)."""
+    if cfg.optimizer.name not in SUPPORTED:
+        raise ConfigError(f"optimizer.name: {cfg.optimizer.name!r} is not supported (use 'adamw')")
 
 
 def build_optimizer(cfg, schedule: LRSchedule) -> optax.GradientTransformation:
@@ -20,9 +30,10 @@ def build_optimizer(cfg, schedule: LRSchedule) -> optax.GradientTransformation:
     with eps added after the square root of the bias-corrected second moment. Weight decay applies to
     every parameter, as in the seed (torch's AdamW on `model.parameters()` with one parameter group).
     """
+    import optax
+
+    check_optimizer(cfg)
     opt = cfg.optimizer
-    if opt.name != "adamw":
-        raise ConfigError(f"optimizer.name: {opt.name!r} is not supported (use 'adamw')")
     b1, b2 = (float(b) for b in opt.betas)
     return optax.adamw(
         learning_rate=schedule, b1=b1, b2=b2, eps=float(opt.eps), weight_decay=float(opt.weight_decay)

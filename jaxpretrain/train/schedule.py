@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax.numpy as jnp
-
 from jaxpretrain.errors import ConfigError
 
 DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
@@ -44,6 +42,8 @@ class LRSchedule:
 
     def __call__(self, step):
         """Learning rate after `step` scheduler steps; works on Python ints and traced jax scalars."""
+        import jax.numpy as jnp  # here: the train CLI checks a schedule before it imports jax
+
         step = jnp.asarray(step, jnp.float32)
         warm = max(self.warmup_steps, 1)
         warmup_lr = self.init_lr + (self.max_lr - self.init_lr) * step / warm

@@ -22,7 +22,7 @@ from jaxpretrain.config.sections import MODEL_OPTIONS  # ours; every other `mode
 from jaxpretrain.data import build_gpt_datasets
 from jaxpretrain.data.loader import Loader, make_loader
 from jaxpretrain.errors import UserError
-from jaxpretrain.train import memory
+from jaxpretrain.train import memory, precheck
 from jaxpretrain.train import schedule as schedule_lib
 from jaxpretrain.train.checkpoint import TrainCheckpointer
 from jaxpretrain.train.optim import build_optimizer
@@ -55,8 +55,7 @@ def plan_batches(cfg, dp_size: int) -> BatchPlan:
             f"step_scheduler.global_batch_size: {g} is not a multiple of local_batch_size ({l}) x "
             f"data-parallel size ({dp_size})"
         )
-    if ss.max_steps <= 0:
-        raise UserError("step_scheduler.max_steps: must be positive")
+    precheck.check_max_steps(ss)
     train_samples = cfg.dataset.num_train_samples or ss.max_steps * g
     val_samples = cfg.validation_dataset.num_val_samples or (ss.max_steps // ss.val_every_steps) * g
     val_batch = cfg.validation_dataset.global_batch_size or l * dp_size
