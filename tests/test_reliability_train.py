@@ -168,8 +168,11 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_losses(work, base
     ckpt = tmp_path / "ckpt"
     context = f"(RELIABILITY_SEED={seed})"
 
+    # Each moment lets a run add a few steps at most, so that the five runs together stay short of
+    # max_steps and the final run has steps left to resume (a step takes some 50 ms here).
     def after_start(run):  # anywhere in imports, index build, compile, or the first steps
-        time.sleep(rng.uniform(0.5, 8.0))
+        end = time.monotonic() + rng.uniform(0.5, 8.0)
+        run.wait_for(lambda: time.monotonic() >= end or len(run.steps()) >= 3)
 
     def mid_step(run):
         first = run.steps()[-1] if run.steps() else 0
@@ -185,7 +188,8 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_losses(work, base
 
     def during_training(run):
         run.wait_for(lambda: bool(run.steps()))
-        time.sleep(rng.uniform(0.0, 1.5))
+        first, end = run.steps()[-1], time.monotonic() + rng.uniform(0.0, 1.5)
+        run.wait_for(lambda: time.monotonic() >= end or run.steps()[-1] >= first + 3)
 
     moments = [mid_step, mid_validation, checkpoint_write, during_training]
     rng.shuffle(moments)
