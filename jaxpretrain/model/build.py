@@ -11,12 +11,6 @@ from jaxpretrain import parallel
 from jaxpretrain.model.registry import config_from, family_of
 
 
-def scan_kw(scan_layers: bool) -> dict:
-    """`scan_layers` for the model class, passed only when set: a family without a layer scan takes
-    the other keywords alone."""
-    return {"scan_layers": True} if scan_layers else {}
-
-
 def abstract_model(config, **model_kw) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's graph and its parameters as shapes only (nothing allocated)."""
     config = config_from(config)
@@ -67,6 +61,6 @@ def create_model(
     """A freshly initialised model of `config`'s family, its parameters born sharded over `mesh`."""
     graphdef, init = sharded_init(
         config, mesh=mesh or default_mesh(), seed=seed, dtype=dtype, param_dtype=param_dtype,
-        attention_impl=attention_impl, vocab_multiple=vocab_multiple, remat=remat, **scan_kw(scan_layers),
+        attention_impl=attention_impl, vocab_multiple=vocab_multiple, remat=remat, scan_layers=scan_layers,
     )
     return nnx.merge(graphdef, init())

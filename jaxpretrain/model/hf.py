@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxpretrain.errors import UserError
-from jaxpretrain.model.build import abstract_model, default_mesh, scan_kw, state_shardings
+from jaxpretrain.model.build import abstract_model, default_mesh, state_shardings
 from jaxpretrain.model.gpt2 import weights as _gpt2_weights
 from jaxpretrain.model.registry import config_from, family_of
 
@@ -205,7 +205,7 @@ def from_pretrained(
     mesh = mesh or default_mesh()
     graphdef, abstract = abstract_model(
         config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-        vocab_multiple=vocab_multiple, remat=remat, **scan_kw(scan_layers),
+        vocab_multiple=vocab_multiple, remat=remat, scan_layers=scan_layers,
     )
     shardings = dict(nnx.to_flat_state(state_shardings(abstract, mesh)))
     variables = dict(nnx.to_flat_state(abstract))

@@ -134,6 +134,16 @@ def check_remat(remat: bool | str) -> None:
         raise UserError(f"model.remat: {remat!r} is not a jax.checkpoint_policies policy")
 
 
+def check_scan_dropout(attention_dropout: float, attention_impl, dtype, head_dim: int) -> None:
+    """A layer scan cannot carry cuDNN's attention dropout: its masks follow the order of calls,
+    which the scan's backward pass reverses."""
+    if float(attention_dropout or 0.0) > 0 and resolve_attention_impl(attention_impl, dtype, head_dim) == "cudnn":
+        raise UserError(
+            "model.scan_layers: cuDNN's attention dropout ties its masks to the order of calls, which a layer "
+            "scan reverses in the backward pass; set model.dropout=0.0, scan_layers=False or attention_impl='xla'"
+        )
+
+
 def remat_block(block: nnx.Module, x: jax.Array, key: jax.Array | None, remat: bool | str) -> jax.Array:
     """`block(x, key)` with its activations recomputed in the backward pass.
 

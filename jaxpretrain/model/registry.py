@@ -98,6 +98,24 @@ def family_of(config_or_source: Any) -> Family:
     return family_for_type(model_type)
 
 
+def read_config_json(source: str | os.PathLike) -> dict:
+    """The JSON object of an HF directory's config.json (or of that file itself): one UserError
+    line naming the file when it is missing or not a JSON object."""
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such config file (expected an HF directory or config.json)")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a config.json ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a config.json (a JSON object is expected)")
+    return data
+
+
 def _model_type_of_file(source: str) -> str:
     path = os.path.join(source, "config.json") if os.path.isdir(source) else source
     if not os.path.isfile(path):
@@ -105,14 +123,7 @@ def _model_type_of_file(source: str) -> str:
             f"{path}: no such config file (expected an HF directory, its config.json, or a built-in name: "
             f"{', '.join(n for f in dict.fromkeys(families().values()) for n in f.builtin_names)})"
         )
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a config.json ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: not a config.json (a JSON object is expected)")
-    return data.get("model_type", DEFAULT_MODEL_TYPE)
+    return read_config_json(path).get("model_type", DEFAULT_MODEL_TYPE)
 
 
 def config_from(source: Any = None, **overrides):

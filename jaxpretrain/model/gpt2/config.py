@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from functools import partial
 from typing import Any, Callable
@@ -12,6 +11,7 @@ import jax.numpy as jnp
 from transformers import GPT2Config
 
 from jaxpretrain.errors import UserError
+from jaxpretrain.model.registry import read_config_json
 
 # Names under which the GPT-2 124M config is known; it is built in, so no download is needed.
 BUILTIN_NAMES = ("gpt2", "openai-community/gpt2")
@@ -43,16 +43,11 @@ def config_from(source: Any = None, **overrides) -> GPT2Config:
     elif isinstance(source, dict):
         config = GPT2Config.from_dict(dict(source))
     elif isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: no such config file (expected an HF directory or config.json)")
+        data = read_config_json(source)
         try:
-            with open(path) as f:
-                config = GPT2Config.from_dict(json.load(f))
-        except (json.JSONDecodeError, TypeError, ValueError) as e:
-            raise UserError(f"{path}: not a GPT-2 config.json ({e})") from None
+            config = GPT2Config.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{os.fspath(source)}: not a GPT-2 config.json ({e})") from None
     else:
         raise UserError(f"model config: cannot read a GPT-2 config from {type(source).__name__}")
 

@@ -157,12 +157,7 @@ def _check_scannable(config: GPT2Config, attention_impl, dtype) -> None:
     """A layer scan runs one block's code for every layer: the blocks must not differ but in weights."""
     if config.scale_attn_by_inverse_layer_idx:
         raise UserError("model.scan_layers: scale_attn_by_inverse_layer_idx gives each layer its own code; use scan_layers=False")
-    head_dim = config.n_embd // config.n_head
-    if float(config.attn_pdrop) > 0 and layers.resolve_attention_impl(attention_impl, dtype, head_dim) == "cudnn":
-        raise UserError(
-            "model.scan_layers: cuDNN's attention dropout ties its masks to the order of calls, which a layer scan "
-            "reverses in the backward pass; set model.dropout=0.0, scan_layers=False or attention_impl='xla'"
-        )
+    layers.check_scan_dropout(config.attn_pdrop, attention_impl, dtype, config.n_embd // config.n_head)
 
 
 

@@ -13,7 +13,6 @@ only the normalised `config.rope_parameters`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
@@ -23,6 +22,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
 from jaxpretrain.errors import UserError
+from jaxpretrain.model.registry import read_config_json
 
 CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
@@ -88,19 +88,7 @@ def _source_dict(source: Any) -> dict:
     if isinstance(source, dict):
         return dict(source)
     if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: no such config file (expected an HF directory or config.json)")
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not a JSON config ({e})") from None
-        if not isinstance(d, dict):
-            raise UserError(f"{path}: not a JSON object")
-        return d
+        return read_config_json(source)
     raise UserError(f"model config: cannot read a Llama config from {type(source).__name__}")
 
 

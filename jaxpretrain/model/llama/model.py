@@ -23,7 +23,6 @@ from flax import nnx
 from transformers import PretrainedConfig
 
 from jaxpretrain import parallel
-from jaxpretrain.errors import UserError
 from jaxpretrain.model import layers
 from jaxpretrain.model.llama import config as config_lib
 
@@ -197,13 +196,10 @@ class LlamaForCausalLM(nnx.Module):
         config = config_lib.config_from(config)
         layers.check_attention_impl(attention_impl)
         layers.check_remat(remat)
-        if scan_layers and float(config.attention_dropout or 0.0) > 0:
-            head_dim = config_lib.head_dim(config)
-            if layers.resolve_attention_impl(attention_impl, dtype, head_dim) == "cudnn":
-                raise UserError(
-                    "model.scan_layers: cuDNN's attention dropout ties its masks to the order of calls, which a layer "
-                    "scan reverses in the backward pass; set attention_dropout=0, scan_layers=False or attention_impl='xla'"
-                )
+        if scan_layers:
+            layers.check_scan_dropout(
+                config.attention_dropout, attention_impl, dtype, config_lib.head_dim(config)
+            )
         # The HF config is kept as JSON: a module's static attributes must be hashable.
         self.config_json = config.to_json_string(use_diff=False)
         self.vocab_size = config.vocab_size
