@@ -30,7 +30,12 @@ class FakeTokenizer:
 def write_corpus(
     prefix: str, num_docs: int, *, seed: int, mean_length: int = 40, vocab: int = 1000, empty_every: int = 0
 ):
-    """A random `.bin/.idx` pair (uint16) written by megatron-core's own builder; returns the lengths."""
+    """A random `.bin/.idx` pair (uint16) written by megatron-core's own builder; returns the lengths.
+
+    Documents end in EOD, as `--append-eod` writes them, and EOD also turns up inside a few (as in text
+    that holds the literal end-of-text string): samples that span documents then carry EOD tokens
+    where Megatron's do, and nothing on our side may mask, drop or rewrite them.
+    """
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     rng = np.random.default_rng(seed)
@@ -39,7 +44,11 @@ def write_corpus(
         lengths[::empty_every] = 0
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
     for n in lengths:
-        builder.add_document(rng.integers(1, vocab, int(n)).astype(np.uint16), [int(n)])
+        tokens = rng.integers(1, vocab, int(n)).astype(np.uint16)
+        tokens[rng.random(int(n)) < 0.01] = EOD
+        if n:
+            tokens[-1] = EOD
+        builder.add_document(tokens, [int(n)])
     builder.finalize(prefix + ".idx")
     return lengths
 
@@ -83,6 +92,20 @@ def build(blend=None, blend_per_split=None, *, split=None, seq_length, seed, siz
         create_attention_mask=False,
     )
     return BlendedMegatronDatasetBuilder(GPTDataset, list(sizes), lambda: True, config).build()
+
+
+def nemo_sampler_class():
+    """NeMo Automodel's MegatronPretrainingSampler, read from its own file: the package that holds it
+    imports HF `datasets` on the way (for chat datasets), which the test extra does not install."""
+    import importlib.util
+
+    import nemo_automodel
+
+    path = os.path.join(os.path.dirname(nemo_automodel.__file__), "components/datasets/llm/megatron/sampler.py")
+    spec = importlib.util.spec_from_file_location("nemo_megatron_sampler", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MegatronPretrainingSampler
 
 
 def tokens_of(dataset, i: int) -> np.ndarray:

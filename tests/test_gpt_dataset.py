@@ -42,11 +42,16 @@ def assert_same(ref, ours, *, samples=200):
     picks = np.unique(np.linspace(0, len(ours) - 1, samples).astype(np.int64))
     batch = ours.get_batch(picks)
     assert batch["input_ids"].dtype == np.int32 and batch["input_ids"].shape == (len(picks), ours.seq_length)
+    eods = 0
     for row, i in enumerate(picks):
         expected = M.tokens_of(ref, int(i))
         np.testing.assert_array_equal(_ours_tokens(ours, int(i)), expected)
         np.testing.assert_array_equal(batch["input_ids"][row], expected[:-1])
         np.testing.assert_array_equal(batch["labels"][row], expected[1:])
+        # Every label counts in Megatron's loss too (no pad id in the data, eod_mask_loss off), EOD included.
+        assert bool(ref[int(i)]["loss_mask"].numpy().all())
+        eods += int((expected == M.EOD).sum())
+    assert eods > len(picks) // 2, "the reference samples should cross document ends"
 
 
 def both(prefix, tmp_path, *, split, seq, seed, sizes, tag="x"):

@@ -46,6 +46,33 @@ def test_batches_follow_megatron_sampler_order(data):
         np.testing.assert_array_equal(batch["input_ids"][3], train[k * G + 3]["input_ids"])
 
 
+@pytest.mark.parametrize("ranks, micro", [(1, 2), (2, 2), (4, 2)])
+def test_each_step_takes_the_samples_nemo_megatron_sampler_gives_it(data, ranks, micro):
+    """The seed's order from NeMo Automodel's own `MegatronPretrainingSampler`: step k of a run with
+    `ranks` data-parallel ranks and micro-batch `micro` takes, over all ranks and their
+    G / (ranks * micro) accumulation micro-batches, exactly the samples of our global batch k. With one
+    rank the order within the step is the same too, and so is each rank's share when there is no
+    accumulation. With accumulation NeMo deals a step's micro-batches out round-robin per rank, while
+    each of our processes reads one contiguous block: the same samples in the same step, whose loss is
+    a sum over the global batch (two processes equal one device: tests/test_multiprocess_train.py)."""
+    train, steps, accum = data["train"], 10, G // (ranks * micro)
+    sampler = M.nemo_sampler_class()
+    nemo = [iter(sampler(total_samples=len(train), micro_batch_size=micro, data_parallel_rank=r,
+                         data_parallel_size=ranks, drop_last=True, global_batch_size=G)) for r in range(ranks)]
+    shares = [list(make_loader(train, global_batch_size=G, process_index=p, process_count=ranks, num_batches=steps))
+              for p in range(ranks)]
+    rows = lambda indices: np.stack([train[int(i)]["input_ids"] for i in indices])  # noqa: E731
+    for k in range(steps):
+        step = [[i for _ in range(accum) for i in next(rank)] for rank in nemo]  # rank -> its samples, in order
+        ours = np.concatenate([shares[p][k]["input_ids"] for p in range(ranks)])
+        np.testing.assert_array_equal(ours, rows(sorted(i for rank in step for i in rank)))
+        if ranks == 1:
+            np.testing.assert_array_equal(ours, rows(step[0]))
+        if accum == 1:
+            for p in range(ranks):
+                np.testing.assert_array_equal(shares[p][k]["input_ids"], rows(step[p]))
+
+
 def test_processes_get_disjoint_contiguous_shares(data):
     train = data["train"]
     shares = [list(make_loader(train, global_batch_size=G, process_index=p, process_count=2, num_batches=5))

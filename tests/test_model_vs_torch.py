@@ -24,6 +24,14 @@ SHAPES = {
     "one-layer-relu": dict(
         n_layer=1, n_embd=16, n_head=2, n_positions=8, vocab_size=50, activation_function="relu", n_inner=40
     ),
+    # GPT2Config's other branches: attention unscaled by sqrt(head_dim) but by 1/(layer index + 1), the
+    # tanh gelu under its torch name, a LayerNorm epsilon of its own, and the upcast flag (float32 here,
+    # so only its acceptance is at stake).
+    "attention-flags": dict(
+        n_layer=3, n_embd=32, n_head=4, n_positions=12, vocab_size=120, activation_function="gelu_pytorch_tanh",
+        scale_attn_weights=False, scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True,
+        layer_norm_epsilon=1e-3,
+    ),
 }
 
 

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_reference import nemo_sampler_class
+
 STEPS, GLOBAL, MICRO, SEQ = 12, 8, 4, 64
 LR, MIN_LR, WARMUP, BETAS, EPS, WD, CLIP = 2e-3, 2e-4, 3, (0.9, 0.95), 1e-8, 0.1, 1.0
 
@@ -37,21 +39,6 @@ def train_ds(stdlib_reference, tmp_path_factory):
         stdlib_reference, seq_length=SEQ, split="0.9, 0.1, 0.0", seed=1234,
         num_samples=(STEPS * GLOBAL, 0, 0), cache_dir=str(tmp_path_factory.mktemp("index_cache")),
     )[0]
-
-
-def nemo_sampler_class():
-    """NeMo Automodel's MegatronPretrainingSampler, read from its own file: the package that holds it
-    imports HF `datasets` on the way (for chat datasets), which the test extra does not install."""
-    import importlib.util
-    import os
-
-    import nemo_automodel
-
-    path = os.path.join(os.path.dirname(nemo_automodel.__file__), "components/datasets/llm/megatron/sampler.py")
-    spec = importlib.util.spec_from_file_location("nemo_megatron_sampler", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.MegatronPretrainingSampler
 
 
 @pytest.fixture(scope="module")
