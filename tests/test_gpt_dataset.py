@@ -12,6 +12,7 @@ import pytest
 import megatron_reference as M
 from jaxpretrain.data import build_gpt_datasets
 from jaxpretrain.data import gpt_dataset as gd
+from jaxpretrain.data import index_cache
 from jaxpretrain.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,7 +119,7 @@ def test_cache_hit_reads_same_arrays_and_config_change_misses(corpus, tmp_path):
     first = build_gpt_datasets(corpus, **kw)[0]
     files = set(M.list_cache(str(tmp_path / "c")))
     again = build_gpt_datasets(corpus, **kw)[0]
-    assert isinstance(again.shuffle_index, gd.MappedArray)
+    assert isinstance(again.shuffle_index, index_cache.MappedArray)
     assert set(M.list_cache(str(tmp_path / "c"))) == files
     np.testing.assert_array_equal(first.get_batch(np.arange(50))["input_ids"],
                                   again.get_batch(np.arange(50))["input_ids"])
@@ -142,7 +143,7 @@ def test_in_memory_without_cache_dir(corpus, tmp_path):
     ours = build_gpt_datasets(corpus, seq_length=16, split="969, 30, 1", seed=1234, num_samples=(300, 0, 0))[0]
     cached = build_gpt_datasets(corpus, seq_length=16, split="969, 30, 1", seed=1234, num_samples=(300, 0, 0),
                                 cache_dir=str(tmp_path / "c"))[0]
-    assert not isinstance(ours.shuffle_index, gd.MappedArray)
+    assert not isinstance(ours.shuffle_index, index_cache.MappedArray)
     np.testing.assert_array_equal(ours.shuffle_index, cached.shuffle_index)
 
 
@@ -150,6 +151,7 @@ _CONCURRENT = """
 import logging, sys, time
 sys.path.insert(0, {repo!r})
 from jaxpretrain.data import gpt_dataset as gd
+from jaxpretrain.data import index_cache
 from jaxpretrain.data import build_gpt_datasets
 built = []
 original = gd.GPTDataset._build_indices

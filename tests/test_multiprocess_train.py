@@ -57,15 +57,15 @@ RECORDING_TRAIN = textwrap.dedent(
     loader._ReadLocalBatch.__init__ = lambda self, dataset, *a, **k: init(self, Recorded(dataset), *a, **k)
 
     # And every index-cache build (a cache miss): which indices this process built itself.
-    from jaxpretrain.data import gpt_dataset
-    cached = gpt_dataset.cached_arrays
+    from jaxpretrain.data import index_cache
+    cached = index_cache.cached_arrays
     def recording_cached(cache_dir, base, names, description, build, *rest, **kw):
         def recorded_build():
             with lock, open(path.replace(".jsonl", ".builds.jsonl"), "a") as f:
                 f.write(json.dumps({"base": base}) + "\\n")
             return build()
         return cached(cache_dir, base, names, description, recorded_build, *rest, **kw)
-    gpt_dataset.cached_arrays = recording_cached
+    index_cache.cached_arrays = recording_cached
     runpy.run_module("jaxpretrain.train", run_name="__main__", alter_sys=True)
     """
 )

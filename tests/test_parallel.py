@@ -95,7 +95,6 @@ def _child(tmp: str) -> None:
 
     assert parallel.initialize_distributed() is True
     import jax
-    import jax.numpy as jnp
     from flax import nnx
     from jax.experimental import multihost_utils
 

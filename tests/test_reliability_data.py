@@ -224,7 +224,7 @@ _KILLED_BUILD = textwrap.dedent(
     import numpy as np
     sys.path.insert(0, {repo!r})
     from jaxpretrain import atomic
-    from jaxpretrain.data import gpt_dataset, build_gpt_datasets
+    from jaxpretrain.data import index_cache, build_gpt_datasets
     calls = []
     real = atomic.save_atomic
     def dying(path, write):
@@ -236,7 +236,7 @@ _KILLED_BUILD = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(path, half)
         return real(path, write)
-    gpt_dataset.save_atomic = dying
+    index_cache.save_atomic = dying
     build_gpt_datasets({prefixes!r}, cache_dir={cache!r}, **{kw!r})
     """
 )

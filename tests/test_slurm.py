@@ -17,7 +17,7 @@ import pytest
 
 from slurm_cluster import SlurmCluster, missing_binaries
 from test_multiprocess_train import GLOBAL, LOCAL, free_port, losses_of
-from test_train import ROOT, STEP_LINE, as_flags, python, tiny_overrides
+from test_train import ROOT, STEP_LINE, as_flags, tiny_overrides
 
 STEPS = 16  # long enough that a signal sent at step 2 lands before the end
 SCRIPT = os.path.join("scripts", "slurm", "train.sbatch")
@@ -143,7 +143,7 @@ def test_scancel_term_saves_requeues_and_resumes_to_the_same_losses(jobs):
     stop = int(stopped.group(1))
     assert 2 < stop < STEPS
     assert f"stopped after saving a checkpoint; requeueing job {pre_id}" in out
-    assert f"(restart 1), 2 task(s)" in out and sys.executable in out  # JAXPRETRAIN_PYTHON was used
+    assert "(restart 1), 2 task(s)" in out and sys.executable in out  # JAXPRETRAIN_PYTHON was used
     assert f"Resumed from {jobs['ckpt']['preempted']}/{stop} at step {stop}" in out
     assert jobs["restarts"]["preempted"] == "1"
     # Every step's loss, before and after the requeue, is the uninterrupted job's, bit for bit.

@@ -1,5 +1,5 @@
 """Megatron-Core's `GPTDataset`, index for index: split ranges, the document / sample / shuffle indices,
-their on-disk cache, and sample reads.
+and sample reads.
 
 Everything here reproduces `megatron/core/datasets/gpt_dataset.py` (megatron-core 0.16) with
 `add_extra_token_to_sequence=True`, the Automodel setting:
@@ -16,24 +16,22 @@ Everything here reproduces `megatron/core/datasets/gpt_dataset.py` (megatron-cor
   lengths (`_sample_index`), with no compiled helper.
 - shuffle_index: `arange(n)` shuffled by the same RandomState after the document index (uint32 unless
   huge), in two ranges with a separate final epoch.
-- The cache: `{md5}-GPTDataset-{split}-{description.txt, document_index.npy, sample_index.npy,
-  shuffle_index.npy}`, md5 of Megatron's JSON description, so a changed input or config never hits a
-  stale cache, and Megatron and we can share a cache directory.
+- The cache (`data/index_cache.py`): `{md5}-GPTDataset-{split}-{description.txt, document_index.npy,
+  sample_index.npy, shuffle_index.npy}`, md5 of Megatron's JSON description, so a changed input or
+  config never hits a stale cache, and Megatron and we can share a cache directory.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import os
 import re
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from jaxpretrain.atomic import save_atomic
+from jaxpretrain.data import index_cache
 from jaxpretrain.data.indexed import IndexedDataset
 from jaxpretrain.errors import UserError
 
@@ -169,140 +167,6 @@ def build_sample_index(
     return out
 
 
-# -- the index cache --------------------------------------------------------------------------------
-
-
-def description_hash(description: str) -> str:
-    return hashlib.md5(description.encode("utf-8"), usedforsecurity=False).hexdigest()
-
-
-def describe(identifiers: dict) -> str:
-    """Megatron's `json.dumps(unique_identifiers, indent=4, default=...)`; nested datasets and the
-    tokenizer contribute their own identifier dicts."""
-    return json.dumps(identifiers, indent=4, default=lambda obj: obj.unique_identifiers)
-
-
-def _cache_paths(cache_dir: str, base: str, names: Sequence[str]) -> tuple[str, dict[str, str]]:
-    description_path = os.path.join(cache_dir, f"{base}-description.txt")
-    return description_path, {name: os.path.join(cache_dir, f"{base}-{name}.npy") for name in names}
-
-
-def _load_cache(cache_dir: str, base: str, names: Sequence[str], description: str, shapes: dict | None):
-    """(arrays, None) when every file of the cache is there, whole, and belongs to `description`;
-    else (None, what is wrong). Nothing found is trusted on its name alone: Megatron writes its
-    description first and its arrays with plain `np.save`, so a killed Megatron run leaves a
-    description next to truncated or missing arrays, and a file may come from anywhere."""
-    description_path, paths = _cache_paths(cache_dir, base, names)
-    try:
-        with open(description_path, "rb") as f:
-            found = f.read().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return None, None  # never built (or killed before its last file: the description comes last)
-    except OSError as e:
-        return None, f"{description_path}: unreadable ({e.strerror})"
-    if found != description:
-        return None, f"{description_path}: describes another configuration"
-    arrays = {}
-    for name, path in paths.items():
-        try:
-            arrays[name] = load_mapped(path)
-        except FileNotFoundError:
-            return None, f"{path}: missing"
-        except (OSError, ValueError, EOFError) as e:  # truncated data or header, not an .npy at all
-            return None, f"{path}: unreadable ({e})"
-        want = (shapes or {}).get(name)
-        if want is not None and arrays[name].shape != tuple(want):
-            return None, f"{path}: shape {arrays[name].shape}, expected {tuple(want)}"
-    return arrays, None
-
-
-def cache_complete(cache_dir: str | None, base: str, names: Sequence[str], description: str, shapes=None) -> bool:
-    """True when the cache holds every array, whole and of the expected shapes, for `description`."""
-    if cache_dir is None:
-        return False
-    return _load_cache(cache_dir, base, names, description, shapes)[0] is not None
-
-
-def cached_arrays(
-    cache_dir: str | None, base: str, names: Sequence[str], description: str, build: Callable[[], dict],
-    shapes: dict | None = None,
-) -> dict:
-    """The arrays `names` from `cache_dir/{base}-{name}.npy`, built by `build()` on a miss.
-
-    A cache is used only when its description file holds `description` and every array loads with
-    the shape in `shapes` (name -> shape); anything else (a truncated, missing or foreign file) is
-    rebuilt, with a warning. Each file appears atomically (temp file + rename), the description
-    last, so a build killed at any moment leaves nothing that passes for complete. Processes starting
-    together take a file lock, so one builds and the others wait and then read the same files; every
-    process gets read-only mmaps. Without a cache_dir the arrays are built in memory.
-    """
-    if cache_dir is None:
-        return build()
-    arrays, _ = _load_cache(cache_dir, base, names, description, shapes)
-    if arrays is not None:
-        return arrays
-    from filelock import FileLock
-
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{cache_dir}: cannot create the index cache directory ({e.strerror})") from None
-    description_path, paths = _cache_paths(cache_dir, base, names)
-    with FileLock(os.path.join(cache_dir, f"{base}.lock")):
-        arrays, problem = _load_cache(cache_dir, base, names, description, shapes)
-        if arrays is not None:
-            return arrays  # another process built it while this one waited
-        if problem:
-            log.warning("index cache %s: %s; rebuilding it", base, problem)
-        _remove_leftovers(cache_dir, base)
-        built = build()
-        try:
-            if os.path.exists(description_path):  # no moment where it vouches for a mix of old and new
-                os.remove(description_path)
-            for name, path in paths.items():
-                save_atomic(path, lambda f, a=built[name]: np.save(f, a, allow_pickle=False))
-            save_atomic(description_path, lambda f: f.write(description.encode("utf-8")))
-        except OSError as e:
-            raise UserError(f"{cache_dir}: cannot write the index cache ({e.strerror})") from None
-        arrays, problem = _load_cache(cache_dir, base, names, description, shapes)
-        if arrays is None:
-            raise RuntimeError(f"index cache {base}: just written, yet {problem}")
-    return arrays
-
-
-def _remove_leftovers(cache_dir: str, base: str) -> None:
-    """Temp files of this cache left by a writer that was killed: the lock is held, so nobody else
-    is writing them."""
-    for name in os.listdir(cache_dir):
-        if name.startswith(".tmp-") and f"-{base}-" in name:
-            try:
-                os.remove(os.path.join(cache_dir, name))
-            except OSError:
-                pass
-
-
-class MappedArray(np.ndarray):
-    """A read-only mmap of a cached .npy as a plain ndarray (no np.memmap overhead per access), which
-    pickles as its file name, so worker processes map the same file instead of copying it."""
-
-    filename = None
-
-    def __array_finalize__(self, obj):
-        self.filename = None  # slices and results are not the file
-
-    def __reduce__(self):
-        if self.filename is None:
-            return np.asarray(self).__reduce__()
-        return load_mapped, (self.filename,)
-
-
-def load_mapped(path: str) -> np.ndarray:
-    mapped = np.load(path, allow_pickle=False, mmap_mode="r")
-    array = mapped.view(MappedArray)
-    array.filename = path
-    return array
-
-
 # -- the dataset ------------------------------------------------------------------------------------
 
 
@@ -358,8 +222,8 @@ class GPTDataset:
             "index_split": split,
             **config.identifiers(),
         }
-        self.unique_description = describe(self.unique_identifiers)
-        self.unique_description_hash = description_hash(self.unique_description)
+        self.unique_description = index_cache.describe(self.unique_identifiers)
+        self.unique_description_hash = index_cache.description_hash(self.unique_description)
         self.cache_base = f"{self.unique_description_hash}-GPTDataset-{split}"
 
         sizes = indexed.sequence_lengths
@@ -385,7 +249,7 @@ class GPTDataset:
         return cls(indexed, dataset_path, documents, num_samples, split, config)
 
     def build(self) -> "GPTDataset":
-        arrays = cached_arrays(
+        arrays = index_cache.cached_arrays(
             self.config.cache_dir, self.cache_base, self._NAMES, self.unique_description, self._build_indices,
             self.index_shapes(),
         )
