@@ -22,14 +22,18 @@ class ConfigError(UserError, ValueError):
 
 
 def keep_torch_out() -> None:
-    """Make torch invisible to this process, so that transformers does not import it.
+    """Make torch (and IPython) invisible to this process, so that transformers and flax do not import them.
 
     Our CLIs use transformers only for configs and tokenizers, yet where torch is installed (most ML
     environments) importing any config class imports torch too (`modeling_rope_utils`): 1-5 s of
     start-up per process, in every process of a multi-process run, for nothing. A `None` entry in
     `sys.modules` makes `importlib.util.find_spec("torch")` answer None (transformers then takes
     torch as absent) and `import torch` raise ImportError. `JAXPRETRAIN_ALLOW_TORCH=1` turns it off.
+    IPython the same way: flax's repr helpers import it (0.4 s) only to ask whether they run inside a
+    notebook, which a CLI process never does (where IPython is already loaded, it is left alone).
     """
+    if "IPython" not in sys.modules:
+        sys.modules["IPython"] = None  # type: ignore[assignment]
     if os.environ.get("JAXPRETRAIN_ALLOW_TORCH", "") not in ("", "0") or "torch" in sys.modules:
         return
     sys.modules["torch"] = None  # type: ignore[assignment]
