@@ -45,7 +45,9 @@ def slurm(tmp_path_factory):
 def job_env(cluster: SlurmCluster, **extra) -> dict:
     """What sbatch passes on to the job (--export=ALL): CPU devices, one per task, and a free
     coordinator port (jax derives one from the job id otherwise, the same in every test cluster)."""
-    env = {k: v for k, v in cluster.env.items() if not k.startswith("JAX_")}
+    # The session's compilation cache stays (tests/conftest.py): the four jobs compile the same programs.
+    keep = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("JAX_") or k in keep}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_COORDINATOR_PORT=str(free_port()))
     env.update(extra)
     return env
