@@ -68,7 +68,7 @@ def measure(args, extra: list[str], depth: int, tag: str) -> dict:
     trace = os.path.join(run_dir, "trace")
     with jax.profiler.trace(trace):
         trainer.train()
-    runs = profiling.module_runs(trace, "traced")  # the train step's jitted function is `traced`
+    runs = profiling.module_runs(trace, "jit_train_step")  # the train step is jitted as `train_step`
     runs = runs[-args.steps:]
     gaps = profiling.gaps_between(runs)
     ckpt_gaps = [g for k, g in enumerate(gaps, start=2) if (k - 1) % args.ckpt_every == 0]  # after a save
