@@ -98,14 +98,14 @@ def family_of(config_or_source: Any) -> Family:
     return family_for_type(model_type)
 
 
-def read_config_json(source: str | os.PathLike) -> dict:
+def read_config_json(source: str | os.PathLike, expected: str = "an HF directory or config.json") -> dict:
     """The JSON object of an HF directory's config.json (or of that file itself): one UserError
-    line naming the file when it is missing or not a JSON object."""
+    line naming the file when it is missing (saying what was `expected`) or not a JSON object."""
     path = os.fspath(source)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
-        raise UserError(f"{path}: no such config file (expected an HF directory or config.json)")
+        raise UserError(f"{path}: no such config file (expected {expected})")
     try:
         with open(path) as f:
             data = json.load(f)
@@ -117,13 +117,9 @@ def read_config_json(source: str | os.PathLike) -> dict:
 
 
 def _model_type_of_file(source: str) -> str:
-    path = os.path.join(source, "config.json") if os.path.isdir(source) else source
-    if not os.path.isfile(path):
-        raise UserError(
-            f"{path}: no such config file (expected an HF directory, its config.json, or a built-in name: "
-            f"{', '.join(n for f in dict.fromkeys(families().values()) for n in f.builtin_names)})"
-        )
-    return read_config_json(path).get("model_type", DEFAULT_MODEL_TYPE)
+    names = ", ".join(n for f in dict.fromkeys(families().values()) for n in f.builtin_names)
+    expected = f"an HF directory, its config.json, or a built-in name: {names}"
+    return read_config_json(source, expected).get("model_type", DEFAULT_MODEL_TYPE)
 
 
 def config_from(source: Any = None, **overrides):
