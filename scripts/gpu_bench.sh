@@ -2,14 +2,16 @@
 # Every GPU figure of issue 11 in one run of about 8 minutes, on a machine with no network:
 #   0. installs the wheels in .whl/ (scripts/gpu_wheels.sh, run where there is network) when a package
 #      jaxpretrain imports is missing, then prints the card, driver and library versions;
-#   1. the GPU-only tests (cuDNN attention dropout: masks, keep rate, expected value, backward mask);
-#   2. python -m jaxpretrain.bench on GPT-2 124M, seq 1024, global batch 512: the seed's recipe
+#   1. python -m jaxpretrain.bench on GPT-2 124M, seq 1024, global batch 512: the seed's recipe
 #      (dropout 0.1, cuDNN flash attention with dropout, micro-batch 32), without dropout at micro-batch
 #      64 (with a jax.profiler trace summarised as the top XLA ops), the torch baseline on that shape
 #      (scripts/bench_torch.py: transformers' GPT2LMHeadModel, bf16 autocast, SDPA, torch.compile,
-#      fused AdamW), scan_layers (compile time), XLA's own flags vs ours (JAXPRETRAIN_XLA_DEFAULTS=0),
-#      remat at micro-batch 128, micro-batch 32, the plain loss (chunk_size 0), command buffers off and
-#      with while loops, Triton GEMMs off;
+#      fused AdamW);
+#   2. the GPU-only tests (cuDNN attention dropout: masks, keep rate, expected value, backward mask;
+#      after the headline figures, which matter most if the device window closes early), then the
+#      A/Bs: scan_layers (compile time), XLA's own flags vs ours (JAXPRETRAIN_XLA_DEFAULTS=0), remat at
+#      micro-batch 128, micro-batch 32, the plain loss (chunk_size 0), command buffers off and with
+#      while loops, Triton GEMMs off;
 #   3. one markdown table (and the profile's) ready for docs/performance.md.
 # Runs go in that order, each under its own `timeout`; once GPU_BENCH_BUDGET_S (default 450) seconds
 # have passed, the rest are listed as skipped. Everything goes to $OUT (if set, else runs/gpu_bench):
@@ -129,10 +131,7 @@ from jaxpretrain import xla_env
 print("jaxpretrain GPU XLA defaults:", " ".join(f"{f}={v}" for f, v, _ in xla_env.GPU_DEFAULTS), "| applied:", xla_env.gpu_expected())
 EOF
 
-# ------------------------------------------------------------------------------------- 1. GPU tests
-check gpu-tests 150 $PY -m pytest tests/test_attention_gpu.py tests/test_loss.py -q -x -p no:cacheprovider -rs
-
-# ------------------------------------------------------------------------------------ 2. benchmarks
+# ------------------------------------------------------------------------------ 1-2. benchmarks and GPU tests
 L=--config.step_scheduler.local_batch_size
 rm -rf "$TRACE_DIR"
 ours recipe "$T_RUN" "$L=${MB[0]}"                                                 # the seed's recipe
@@ -141,6 +140,8 @@ if tail -n 1 "$RESULTS" | grep -q '"failed"'; then  # cuDNN's dropout attention 
 fi
 ours nodrop-mb${MB[1]} "$T_RUN" "${NODROP[@]}" "$L=${MB[1]}" --profile "$TRACE_DIR" --profile-steps 2 --top 20
 torchb torch-nodrop-mb${MB[1]} $((T_RUN + 60)) "${NODROP[@]}" "$L=${MB[1]}"
+# the GPU-only tests after the headline figures (a device window may close early), before the A/Bs
+check gpu-tests 150 $PY -m pytest tests/test_attention_gpu.py tests/test_loss.py -q -x -p no:cacheprovider -rs
 ours scan-mb${MB[1]} "$T_RUN" "${NODROP[@]}" "$L=${MB[1]}" --config.model.scan_layers=true
 JAXPRETRAIN_XLA_DEFAULTS=0 ours xla-defaults-mb${MB[1]} "$T_RUN" "${NODROP[@]}" "$L=${MB[1]}"
 ours remat-mb${MB[2]} "$T_RUN" "${NODROP[@]}" "$L=${MB[2]}" --config.model.remat=true --config.model.remat_policy=dots_with_no_batch_dims_saveable
