@@ -256,6 +256,79 @@ def test_old_format_config_and_inv_freq_buffers(tmp_path):
     assert _rel(_forward(model, jnp.asarray(ids)), _torch_logits(torch_model, ids)) < 1e-5
 
 
+def _edited_checkpoint(path, shape: str, edit):
+    """A random torch model of `shape` saved to `path` with `edit(config_dict)` applied to its
+    config.json, and transformers' model read back from that directory (the reference)."""
+    _torch_model(shape).save_pretrained(path)
+    cfg = json.load(open(path / "config.json"))
+    edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+LLAMA3_OLD = dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+
+
+@pytest.mark.parametrize("case,edit", [
+    # rope_parameters without a theta next to a top-level rope_theta: the top-level one counts
+    ("top-level-theta", lambda d: d.update(rope_parameters={"rope_type": "default"}, rope_theta=1e6)),
+    # a transformers-5 file to which an old rope_scaling was added: rope_scaling wins
+    ("rope_scaling-over-rope_parameters", lambda d: d.update(rope_scaling={"type": "linear", "factor": 4.0})),
+    # llama3 scaling with a top-level original_max_position_embeddings: the top-level length counts
+    ("llama3-top-level-original-length", lambda d: (d.pop("rope_parameters"), d.update(
+        rope_theta=5e5, original_max_position_embeddings=8, rope_scaling=LLAMA3_OLD))),
+])
+def test_mixed_rope_fields_follow_transformers_precedence(tmp_path, case, edit):
+    """config.json files that mix the two generations of RoPE fields: the logits transformers
+    computes from the same directory (each case gave 6e-2 to 1e-1 relative error before)."""
+    reference = _edited_checkpoint(tmp_path, "llama-gqa", edit)
+    model = M.from_pretrained(tmp_path)
+    ids = _ids(model.config)
+    assert _rel(_forward(model, jnp.asarray(ids)), _torch_logits(reference, ids)) < 1e-5
+
+
+@pytest.mark.parametrize("shape", ["llama-mha-tied-bias-llama3-head_dim", "qwen2-gqa-tied"])
+def test_tied_config_with_a_different_stored_head_is_refused(tmp_path, shape):
+    """tie_word_embeddings with an lm_head.weight unlike the embedding: transformers then leaves the head
+    untied (a different model than a tied load); ours refuses in one line instead of dropping the head."""
+    from safetensors.numpy import save_file
+
+    _torch_model(shape).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + 1.0
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = _ids(reference.config)
+    tied = M.config_from(str(tmp_path))
+    with pytest.raises(UserError, match="lm_head.weight differs from model.embed_tokens.weight") as e:
+        M.from_pretrained(tmp_path)
+    assert "\n" not in str(e.value)
+    # The way out the message names: an untied load, which is transformers' model.
+    untied = M.from_pretrained(tmp_path, config=M.config_from(tied, tie_word_embeddings=False))
+    assert _rel(_forward(untied, jnp.asarray(ids)), _torch_logits(reference, ids)) < 1e-5
+
+
+def test_bfloat16_checkpoint_exports_as_float32(tmp_path):
+    """A bf16 checkpoint loads into float32 masters; the export's config.json says float32, so
+    transformers' default dtype="auto" does not truncate the round trip to bf16."""
+    _torch_model("llama-gqa").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model = M.from_pretrained(tmp_path / "bf16")
+    M.save_pretrained(model, tmp_path / "out")
+    assert json.load(open(tmp_path / "out/config.json"))["dtype"] == "float32"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert loaded.dtype == torch.float32
+    ids = _ids(model.config)
+    assert _rel(_torch_logits(loaded, ids), _forward(model, jnp.asarray(ids))) < 1e-5
+
+
+def test_mistral_attention_bias_flag_is_ignored_as_transformers_does(tmp_path):
+    """transformers' Mistral has no biases whatever attention_bias says: neither has ours."""
+    reference = _edited_checkpoint(tmp_path, "mistral-gqa", lambda d: d.update(attention_bias=True))
+    model = M.from_pretrained(tmp_path)
+    ids = _ids(model.config)
+    assert _rel(_forward(model, jnp.asarray(ids)), _torch_logits(reference, ids)) < 1e-5
+
+
 # ------------------------------------------------------------------------------------------------
 # Layouts: sliced reads
 # ------------------------------------------------------------------------------------------------
@@ -348,6 +421,28 @@ def test_attention_dropout_is_keyed_and_off_by_default(checkpoint, compared):
         model(ids, deterministic=False)
 
 
+def test_rmsnorm_in_bfloat16_equals_transformers_llama_rmsnorm():
+    """bf16 activations far from zero (offset 3, spread 0.05): transformers' LlamaRMSNorm (statistics in
+    float32) and ours agree bit for bit; statistics taken in bf16 differ in about a quarter of them."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from jaxpretrain.model.llama.model import RMSNorm
+
+    rng = np.random.RandomState(0)
+    dim = 512
+    x = torch.tensor(rng.randn(4, 8, dim) * 0.05 + 3.0, dtype=torch.float32).to(torch.bfloat16)
+    weight = (1 + 0.1 * rng.randn(dim)).astype(np.float32)
+    ref = LlamaRMSNorm(dim, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor(weight))
+    want = ref.to(torch.bfloat16)(x).detach().float().numpy()
+    ours = RMSNorm(dim, 1e-6, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    ours.weight.value = jnp.asarray(weight)
+    got = ours(jnp.asarray(x.float().numpy()).astype(jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), want)
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits(tmp_path):
     torch_model = _torch_model("llama-gqa")
     torch_model.save_pretrained(tmp_path)
@@ -409,6 +504,10 @@ def test_mistral_window_covering_every_position_is_accepted():
     assert M.config_from(config).sliding_window == 32
     with pytest.raises(UserError, match="sliding_window"):
         M.config_from(config, sliding_window=8)
+    # Only up to there: a longer input would need the window transformers applies beyond it.
+    model = M.create_model(M.config_from(config), seed=0)
+    with pytest.raises(UserError, match="model.sliding_window: a 40-token input exceeds the 32-token window"):
+        model(jnp.zeros((1, 40), jnp.int32))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -146,6 +146,7 @@ def test_openai_names_and_bfloat16_checkpoint(tmp_path, small_checkpoint):
 
     tensors = {k.removeprefix("transformer."): v for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
     tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 24, 24), np.float32))
+    tensors["lm_head.weight"] = tensors["wte.weight"]  # the tied head, stored as well
     bf16 = {k: v.astype(jnp.bfloat16) for k, v in tensors.items()}
     save_file(bf16, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     torch_model.config.save_pretrained(tmp_path)
@@ -153,6 +154,11 @@ def test_openai_names_and_bfloat16_checkpoint(tmp_path, small_checkpoint):
     c_fc = model.h[1].mlp.c_fc.kernel[...]
     assert c_fc.dtype == jnp.float32
     np.testing.assert_array_equal(c_fc, bf16["h.1.mlp.c_fc.weight"].astype(np.float32))
+    # A stored head unlike wte is not a tied GPT-2 (transformers would load it untied): refused.
+    bf16["lm_head.weight"] = (tensors["wte.weight"] + 1.0).astype(jnp.bfloat16)
+    save_file(bf16, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="lm_head.weight differs from wte.weight"):
+        M.from_pretrained(tmp_path)
 
 
 def test_tokenizer_files_are_copied(tmp_path):
@@ -300,6 +306,31 @@ def test_explicit_attention_equals_fused_attention():
     fused = jax.nn.dot_product_attention(q, k, v, scale=attn.scale, is_causal=True)
     attn.attn_pdrop = 0.0  # _dropout is then the identity: only the attention itself is compared
     np.testing.assert_allclose(attn._attention_with_dropout(q, k, v, jax.random.key(1)), fused, atol=1e-6)
+
+
+def test_layernorm_in_bfloat16_follows_torch_autocast():
+    """bf16 activations far from zero (offset 3, spread 0.05) through torch's LayerNorm under bf16
+    autocast (statistics in float32) and ours: within one bf16 rounding step, and rarely even that
+    (0.3% of values); statistics taken in bf16 would be off by up to 0.2 in most of them."""
+    import torch
+
+    from jaxpretrain.model.gpt2.model import LayerNorm
+
+    rng = np.random.RandomState(0)
+    dim = 512
+    x = torch.tensor(rng.randn(4, 8, dim) * 0.05 + 3.0, dtype=torch.float32).to(torch.bfloat16)
+    weight, bias = (1 + 0.1 * rng.randn(dim)).astype(np.float32), (0.1 * rng.randn(dim)).astype(np.float32)
+    ref = torch.nn.LayerNorm(dim, eps=1e-5)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor(weight))
+        ref.bias.copy_(torch.tensor(bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = ref(x).detach().to(torch.bfloat16).float().numpy()
+    ours = LayerNorm(dim, 1e-5, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    ours.scale.value, ours.bias.value = jnp.asarray(weight), jnp.asarray(bias)
+    got = np.asarray(ours(jnp.asarray(x.float().numpy()).astype(jnp.bfloat16)).astype(jnp.float32))
+    np.testing.assert_allclose(got, want, rtol=2**-7, atol=2**-10)  # one bf16 step (8 bits of mantissa)
+    assert np.mean(got != want) < 0.01
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits(small_checkpoint):

@@ -18,6 +18,7 @@ Layouts a name table may use (HF tensor <-> Flax parameter):
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -223,12 +224,29 @@ def from_pretrained(
             raise UserError(f"{path}: {name} has shape {tuple(tensor.get_shape())}, config.json implies {want}")
         loaded[flax_path] = _load_array(tensor, layout, shape, shardings[flax_path].get_value(), param_dtype)
 
+    for copy, original in family.tied_copies:
+        original = original.removeprefix(opt) if strip else original
+        if copy in files.names() and copy not in known:
+            known.add(copy)
+            if original in files.names() and not _same_tensor(files.slice(copy), files.slice(original)):
+                raise UserError(
+                    f"{path}: {copy} differs from {original} although config.json sets tie_word_embeddings "
+                    "(a head of its own: set tie_word_embeddings to false where the family supports it)"
+                )
     extra = sorted(n for n in files.names() - known if not n.endswith(family.ignored_tensors))
     if extra:
         raise UserError(f"{path}: unexpected tensors for this {family.name} config: {extra[:5]}")
 
     state = nnx.from_flat_state([(p, v.replace(loaded[p])) for p, v in nnx.to_flat_state(abstract)])
     return nnx.merge(graphdef, state)
+
+
+def _same_tensor(a, b, rows: int = 4096) -> bool:
+    """Whether two safetensors slices (matrices) hold equal values, read a block of rows at a time."""
+    shape = tuple(a.get_shape())
+    if shape != tuple(b.get_shape()):
+        return False
+    return bool(shape) and all(np.array_equal(a[i:min(i + rows, shape[0])], b[i:min(i + rows, shape[0])]) for i in range(0, shape[0], rows))
 
 
 def _load_array(tensor, layout, shape, sharding, param_dtype) -> jax.Array:
@@ -267,7 +285,7 @@ def save_pretrained(
     gathered); only process 0 writes.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
-    config = model.config
+    config = copy.deepcopy(model.config)
     family = family_of(config)
     config.architectures = [family.architecture(config)]
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -275,6 +293,9 @@ def save_pretrained(
     for hf_name, flax_path, layout in family.name_table(config):
         array = _to_host(flat[flax_path].get_value())
         tensors[hf_name] = np.ascontiguousarray(to_hf(layout, array, config.vocab_size))
+    # The dtype of the tensors written, not the source's: transformers loads in config.json's dtype,
+    # so a float32 export of a bf16 checkpoint that kept "bfloat16" would come back truncated.
+    config.dtype = str(next(iter(tensors.values())).dtype)
 
     if jax.process_index() == 0:
         parent, name = os.path.split(out_dir)

@@ -40,7 +40,10 @@ class Family:
     dropout_active: (config) -> whether training draws dropout masks.
     builtin_names:  names that resolve to a built-in config without any download.
     optional_prefix:a prefix some checkpoints put on every name and others omit ("transformer.").
-    ignored_tensors:name suffixes a checkpoint may carry that loading ignores (buffers, tied copies).
+    ignored_tensors:name suffixes a checkpoint may carry that loading ignores (buffers).
+    tied_copies:    (copy, original) pairs for tensors a tied checkpoint may store twice (lm_head.weight, a copy
+                    of the embedding): loading skips a copy equal to its original and rejects one that
+                    differs (transformers would then leave the head untied, a different model).
     """
 
     name: str
@@ -55,6 +58,7 @@ class Family:
     builtin_names: tuple[str, ...] = ()
     optional_prefix: str = ""
     ignored_tensors: tuple[str, ...] = ()
+    tied_copies: tuple[tuple[str, str], ...] = ()
 
 
 _by_type: dict[str, Family] | None = None

@@ -20,6 +20,7 @@ FAMILY = Family(
     builtin_names=_config.BUILTIN_NAMES,
     optional_prefix=_weights.HF_PREFIX,
     ignored_tensors=_weights.IGNORED_SUFFIXES,
+    tied_copies=_weights.TIED_COPIES,
 )
 
 __all__ = [

@@ -27,8 +27,10 @@ NAME_TABLE = (
     ("ln_f.bias", "ln_f.bias", "same"),
 )
 HF_PREFIX = "transformer."
-# Buffers and tied weights that some GPT-2 checkpoints carry and loading ignores.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+# Buffers that some GPT-2 checkpoints carry and loading ignores.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+# The head is tied to wte; some checkpoints store it as well.
+TIED_COPIES = (("lm_head.weight", HF_PREFIX + "wte.weight"),)
 
 
 def expand(table, n_layer: int, prefix: str = "") -> list[tuple[str, tuple, str]]:

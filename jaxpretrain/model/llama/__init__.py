@@ -18,7 +18,8 @@ FAMILY = Family(
     dropout_active=lambda config: float(config.attention_dropout or 0.0) > 0,
     builtin_names=_config.BUILTIN_NAMES,
     # Old checkpoints carry RoPE's inv_freq buffers; tied checkpoints may also store lm_head.weight.
-    ignored_tensors=("rotary_emb.inv_freq", "lm_head.weight"),
+    ignored_tensors=("rotary_emb.inv_freq",),
+    tied_copies=(("lm_head.weight", "model.embed_tokens.weight"),),
 )
 
 __all__ = ["FAMILY", "LlamaForCausalLM", "architecture", "config_from", "flops_per_token", "name_table"]

@@ -93,14 +93,20 @@ def _source_dict(source: Any) -> dict:
 
 
 def _normalise_rope(d: dict) -> None:
-    """Older files' `rope_theta` + `rope_scaling` as one transformers-5 `rope_parameters` dict."""
+    """`rope_theta`, `rope_scaling` and `rope_parameters`, in whatever mix a config.json has them, as one
+    transformers-5 `rope_parameters` dict, with transformers' precedence (its
+    `convert_rope_params_to_dict`): an old-style `rope_scaling` wins over `rope_parameters`; a
+    `rope_theta` inside the dict wins over a top-level one, which wins over the default; an explicit
+    `rope_type` wins over the older `type`."""
     theta, scaling = d.pop("rope_theta", None), d.pop("rope_scaling", None)
-    if d.get("rope_parameters"):
+    rope = dict(scaling or d.get("rope_parameters") or {})
+    if any(isinstance(v, dict) for v in rope.values()):
+        d["rope_parameters"] = rope  # per-layer-type parameters: validate() rejects them
         return
-    rope = dict(scaling or {})
-    rope["rope_type"] = rope.pop("type", None) or rope.get("rope_type") or "default"
+    kind = rope.pop("type", None)
+    rope["rope_type"] = rope.get("rope_type") or kind or "default"
     if theta is not None:
-        rope["rope_theta"] = theta
+        rope.setdefault("rope_theta", theta)
     d["rope_parameters"] = rope
 
 
@@ -169,9 +175,12 @@ def head_dim(config: PretrainedConfig) -> int:
 
 
 def biases(config: PretrainedConfig) -> dict[str, bool]:
-    """Which projections carry a bias: Qwen2 q/k/v only; Llama `attention_bias` (q/k/v/o) and `mlp_bias`."""
+    """Which projections carry a bias: Qwen2 q/k/v only; Llama `attention_bias` (q/k/v/o) and `mlp_bias`;
+    Mistral none."""
     if config.model_type == "qwen2":
         return {"qkv": True, "o": False, "mlp": False}
+    if config.model_type == "mistral":  # transformers' Mistral has no biases, whatever attention_bias says
+        return {"qkv": False, "o": False, "mlp": False}
     attn = bool(getattr(config, "attention_bias", False))
     return {"qkv": attn, "o": attn, "mlp": bool(getattr(config, "mlp_bias", False))}
 
@@ -187,7 +196,8 @@ def rope_inv_freq(config: PretrainedConfig) -> np.ndarray:
     elif kind == "llama3":
         # Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend between.
         factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
-        old_len = float(rope["original_max_position_embeddings"])
+        # A top-level original_max_position_embeddings wins over the dict's, as in transformers' RoPE init.
+        old_len = float(getattr(config, "original_max_position_embeddings", None) or rope["original_max_position_embeddings"])
         wavelen = 2 * math.pi / inv_freq
         scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
         smooth = (old_len / wavelen - low) / (high - low)

@@ -23,6 +23,7 @@ from flax import nnx
 from transformers import PretrainedConfig
 
 from jaxpretrain import parallel
+from jaxpretrain.errors import UserError
 from jaxpretrain.model import layers
 from jaxpretrain.model.llama import config as config_lib
 
@@ -208,6 +209,9 @@ class LlamaForCausalLM(nnx.Module):
         self.has_dropout = float(config.attention_dropout or 0.0) > 0
         self.dtype, self.remat, self.scan_layers = dtype, remat, bool(scan_layers)
         self.max_positions = config.max_position_embeddings  # the longest sequence generation allows
+        # Mistral's window: config_from accepts only windows >= max_position_embeddings (full causal
+        # attention up to there); a longer input would need the window that HF applies.
+        self.sliding_window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
         self.n_kv_head, self.head_dim = config.num_key_value_heads, config_lib.head_dim(config)
 
         std, d = config.initializer_range, config.hidden_size
@@ -233,6 +237,11 @@ class LlamaForCausalLM(nnx.Module):
         self, input_ids: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | jax.Array | None = None
     ) -> jax.Array:
         """[B, T, hidden] after the final norm, in the compute dtype."""
+        if self.sliding_window is not None and input_ids.shape[-1] > self.sliding_window:
+            raise UserError(
+                f"model.sliding_window: a {input_ids.shape[-1]}-token input exceeds the {self.sliding_window}-token "
+                "window, and sliding-window attention is not supported"
+            )
         key = None
         if not deterministic and self.has_dropout:
             if rngs is None:
