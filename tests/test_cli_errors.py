@@ -130,3 +130,6 @@ def test_export_of_a_step_directory_says_use_step(yaml_run, tmp_path):
     line = one_error_line(r, "is one checkpoint (step 4)")
     assert f"--checkpoint-dir {ckpt} --step 4" in line
     assert not (tmp_path / "hf").exists()
+    r = python("-m", "jaxpretrain.export", "--checkpoint-dir", ckpt, "--step", "3", "--output", str(tmp_path / "hf"))
+    assert "--step: 3 is not among the checkpoints" in one_error_line(r, "--step")
+    assert not (tmp_path / "hf").exists()

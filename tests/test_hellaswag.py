@@ -330,5 +330,9 @@ def test_training_logs_hellaswag_at_the_scoring_of_its_checkpoint(random_gpt2, t
     labels = np.array([it["label"] for it in ITEMS])
     assert abs(float(np.mean(np.argmin(means, axis=1) == labels)) - logged[0]["hellaswag_acc_norm"]) < 1e-9
     assert abs(float(np.mean(np.argmin(sums, axis=1) == labels)) - logged[0]["hellaswag_acc"]) < 1e-9
+    # The accuracies move in steps of 1/6 and barely after two steps; the label endings' loss tells
+    # the step-2 weights from any others (the initial weights pass the two lines above).
+    label_loss = float(np.mean(np.asarray(means)[np.arange(len(labels)), labels]))
+    assert logged[0]["hellaswag_label_loss"] == pytest.approx(label_loss, rel=1e-5)
 
 

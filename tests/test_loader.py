@@ -99,8 +99,8 @@ def test_validation_iterates_afresh(data):
     loader = make_loader(data["valid"], global_batch_size=G, num_batches=len(data["valid"]) // G)
     first = [b["input_ids"] for b in loader]
     second = [b["input_ids"] for b in loader]
-    assert len(first) == len(data["valid"]) // G
-    for x, y in zip(first, second):
+    assert len(first) == len(second) == len(data["valid"]) // G
+    for x, y in zip(first, second, strict=True):
         np.testing.assert_array_equal(x, y)
 
 
@@ -112,8 +112,8 @@ def test_worker_processes_give_the_same_batches(data):
         got = list(it)
     finally:
         it.close()
-    assert len(got) == 12
-    for x, y in zip(got, expected):
+    assert len(got) == len(expected) == 12
+    for x, y in zip(got, expected, strict=True):
         np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
 
 
@@ -126,7 +126,8 @@ def test_get_set_state(data):
     rest = [b["input_ids"] for b in it]
     again = iter(loader)
     again.set_state(state)
-    for x, y in zip([b["input_ids"] for b in again], rest):
+    assert len(rest) == 13
+    for x, y in zip([b["input_ids"] for b in again], rest, strict=True):
         np.testing.assert_array_equal(x, y)
 
 

@@ -101,7 +101,7 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(layouts, la
     for kind in ("train", "validation"):
         want, got = losses_of(ckpt["1x4"], kind), losses_of(ckpt[layout], kind)
         assert sorted(got) == sorted(want) and want, kind
-        np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)], atol=1e-3, rtol=0, err_msg=kind)
+        np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)], rtol=2e-5, err_msg=kind)
 
 
 def test_checkpoint_of_two_processes_resumes_on_one_with_another_mesh(layouts):
@@ -111,7 +111,7 @@ def test_checkpoint_of_two_processes_resumes_on_one_with_another_mesh(layouts):
     assert "World size: 1 processes, 4 devices" in out and "'tensor': 2" in out
     got, want = losses_of(ckpt["moved"], "train"), losses_of(ckpt["1x4"], "train")
     assert sorted(got) == list(range(CKPT_AT + 1, STEPS + 1))
-    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], atol=1e-3, rtol=0)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=2e-5)
 
 
 @pytest.mark.parametrize("victim,sig", [(1, signal.SIGKILL), (1, signal.SIGSTOP)])
@@ -126,12 +126,10 @@ def test_a_lost_process_ends_the_other_within_two_minutes(token_glob, tmp_path, 
     with Processes(flags, str(tmp_path / "run"), n=2, devices=1) as p:
         p.wait_for(re.compile(r"\| step 3 \| epoch"))
         p.procs[victim].send_signal(sig)
-        killed_at = time.monotonic()
         other = p.procs[1 - victim]
-        code = other.wait(timeout=120)
-        took = time.monotonic() - killed_at
+        code = other.wait(timeout=120)  # the bound the test is named for: TimeoutExpired past it
         out = p.output(1 - victim)
-    assert code != 0 and took < 120, (code, took, out[-3000:])
+    assert code != 0, (code, out[-3000:])
     saw = re.search(r"lost contact with another process of the run.*|.*stopped sending heartbeats.*|.*leader task was preempted/died.*", out)
     assert saw, out[-3000:]
     if sig == signal.SIGSTOP:

@@ -61,7 +61,8 @@ def train_losses(ckpt_dir: str) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def baseline_run(token_glob, tmp_path_factory):
     ckpt = str(tmp_path_factory.mktemp("baseline") / "ckpt")
-    r = python("-m", "jaxpretrain.train", *as_flags(tiny_overrides(token_glob, ckpt)))
+    # save_consolidated: an HF directory next to each checkpoint (hf_step_6, hf_step_12), as the seed's option
+    r = python("-m", "jaxpretrain.train", *as_flags(tiny_overrides(token_glob, ckpt, **{"checkpoint.save_consolidated": True})))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return ckpt, r.stdout
 
@@ -82,18 +83,29 @@ def test_train_logs_the_seed_lines_and_loss_falls(baseline_run):
     assert "Processes: launch: single process | process 0 of 1 | local devices 1 (cpu) | global devices 1" in out
 
 
-def test_export_scores_validation_at_the_logged_loss(baseline_run, token_glob, tmp_path):
-    """The exported HF directory, in transformers' torch GPT-2, gives the last logged val loss."""
+@pytest.mark.parametrize("step", [None, 6])
+def test_export_scores_validation_at_the_logged_loss(baseline_run, token_glob, tmp_path, step):
+    """The exported HF directory (the newest checkpoint, or `--step 6`), in transformers' torch GPT-2,
+    gives the val loss logged at that step; save_consolidated's hf_step_N holds the same tensors."""
     import torch
+    from safetensors.numpy import load_file
     from transformers import GPT2LMHeadModel
 
     from jaxpretrain.data import build_gpt_datasets
 
     ckpt, out = baseline_run
-    logged = float([m for m in map(VAL_LINE.search, out.splitlines()) if m][-1].group(3))
+    val_losses = {int(m.group(1)): float(m.group(3)) for m in map(VAL_LINE.search, out.splitlines()) if m}
+    exported_step = STEPS if step is None else step
+    logged = val_losses[exported_step]
+    assert abs(val_losses[6] - val_losses[STEPS]) > 1e-2  # so the score tells the two checkpoints apart
     hf_dir = str(tmp_path / "hf")
-    r = python("-m", "jaxpretrain.export", "--checkpoint-dir", ckpt, "--output", hf_dir)
+    r = python("-m", "jaxpretrain.export", "--checkpoint-dir", ckpt, "--output", hf_dir,
+               *([] if step is None else ["--step", str(step)]))
     assert r.returncode == 0, r.stderr
+    consolidated = load_file(os.path.join(ckpt, f"hf_step_{exported_step}", "model.safetensors"))
+    exported = load_file(os.path.join(hf_dir, "model.safetensors"))
+    assert consolidated.keys() == exported.keys()
+    assert all(np.array_equal(consolidated[k], exported[k]) for k in exported)
     assert {"config.json", "model.safetensors"} <= set(os.listdir(hf_dir))
     assert any(f.startswith(("tokenizer", "vocab")) for f in os.listdir(hf_dir))
 

@@ -77,6 +77,9 @@ class Result:
     acc: float
     acc_norm: float
     items: int
+    # The mean over items of the correct ending's loss per token: a continuous companion to the
+    # accuracies (which move in steps of 1/items), for curves and for telling two models apart.
+    label_loss: float = float("nan")
 
     def line(self) -> str:
         return f"hellaswag acc {self.acc:.4f} acc_norm {self.acc_norm:.4f} ({self.items} items)"
@@ -265,7 +268,8 @@ def accuracy(scores: Scores, labels: np.ndarray) -> Result:
     labels = np.asarray(labels)
     acc = float(np.mean(np.argmin(scores.sum, axis=1) == labels))
     acc_norm = float(np.mean(np.argmin(scores.mean, axis=1) == labels))
-    return Result(acc, acc_norm, len(labels))
+    label_loss = float(np.mean(scores.mean[np.arange(len(labels)), labels]))
+    return Result(acc, acc_norm, len(labels), label_loss)
 
 
 def evaluate(logits_fn: Callable, prepared: Prepared, batch_size: int = 32, *, sharding=None) -> Result:

@@ -131,7 +131,8 @@ class Trainer:
         logits_fn = functools.partial(forward, (self.state["params"], self.r.training.rest))
         result = hellaswag.evaluate(logits_fn, prepared, int(self.r.cfg.eval.batch_size), sharding=parallel.batch_sharding(self.r.mesh))
         log.info("[eval] step %d | hellaswag acc_norm %.4f | acc %.4f | items %d", step, result.acc_norm, result.acc, result.items)
-        self.sinks.log("eval", step, {"hellaswag_acc_norm": result.acc_norm, "hellaswag_acc": result.acc, "items": result.items})
+        self.sinks.log("eval", step, {"hellaswag_acc_norm": result.acc_norm, "hellaswag_acc": result.acc,
+                                        "hellaswag_label_loss": result.label_loss, "items": result.items})
 
     # -- checkpoints
 
