@@ -62,8 +62,12 @@ def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None)
     import jaxpretrain.model as M
     from jaxpretrain.tokenizer import save_tokenizer
 
-    model, meta = load_checkpoint_model(checkpoint_dir, step)
     out = os.path.abspath(output)
+    root = os.path.abspath(checkpoint_dir)
+    if os.path.commonpath([out, root]) == out:
+        raise UserError(f"--output {output}: is the checkpoint directory or holds it; choose a directory outside it")
+    M.check_replaceable(out)  # before any checkpoint is read: the existing directory must be a model's
+    model, meta = load_checkpoint_model(checkpoint_dir, step)
     parent = os.path.dirname(out)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -73,6 +77,7 @@ def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None)
     try:
         M.save_pretrained(model, tmp)
         save_tokenizer(meta.get("tokenizer") or "gpt2", tmp)
+        M.check_replaceable(out)  # again: something may have appeared there meanwhile
         if os.path.exists(out):
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -133,3 +133,25 @@ def test_export_of_a_step_directory_says_use_step(yaml_run, tmp_path):
     r = python("-m", "jaxpretrain.export", "--checkpoint-dir", ckpt, "--step", "3", "--output", str(tmp_path / "hf"))
     assert "--step: 3 is not among the checkpoints" in one_error_line(r, "--step")
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_never_replaces_a_directory_that_is_not_a_model(yaml_run, tmp_path):
+    """An existing --output is replaced only when it is an earlier export; a directory with the user's
+    files, the checkpoint directory itself or one holding it, or a file, is refused untouched."""
+    _, ckpt, _ = yaml_run
+    export = lambda out: python("-m", "jaxpretrain.export", "--checkpoint-dir", ckpt, "--output", str(out))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    line = one_error_line(export(work), "exists and is not a model directory (notes.txt)")
+    assert str(work) in line and (work / "notes.txt").read_text() == "mine"
+    steps_before = sorted(os.listdir(ckpt))
+    one_error_line(export(ckpt), "is the checkpoint directory or holds it")
+    one_error_line(export(os.path.dirname(ckpt)), "is the checkpoint directory or holds it")
+    assert sorted(os.listdir(ckpt)) == steps_before
+    (tmp_path / "file").write_text("x")
+    one_error_line(export(tmp_path / "file"), "exists and is not a directory")
+    # An earlier export is replaced (the rerun of the same command).
+    hf = tmp_path / "hf"
+    assert export(hf).returncode == 0 and export(hf).returncode == 0
+    assert {"config.json", "model.safetensors"} <= set(os.listdir(hf))
