@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from typing import Callable
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(path: str) -> None:
+    """Give a temp file (mkstemp: 0600) or directory (mkdtemp: 0700), and every file inside the latter,
+    the mode a plain open()/mkdir() would have: outputs renamed into place stay readable by the
+    user's group as their other files are (on a shared cluster, teammates read exports and caches)."""
+    mask = _umask()
+    if os.path.isdir(path):
+        for entry in os.scandir(path):
+            if entry.is_file(follow_symlinks=False):
+                os.chmod(entry.path, 0o666 & ~mask)
+        os.chmod(path, 0o777 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
 
 
 def save_atomic(path: str, write: Callable) -> None:
@@ -15,6 +37,7 @@ def save_atomic(path: str, write: Callable) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        usual_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 
+from jaxpretrain.atomic import usual_mode
 from jaxpretrain.errors import UserError, run_cli
 
 
@@ -77,6 +78,7 @@ def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None)
     try:
         M.save_pretrained(model, tmp)
         save_tokenizer(meta.get("tokenizer") or "gpt2", tmp)
+        usual_mode(tmp)
         M.check_replaceable(out)  # again: something may have appeared there meanwhile
         if os.path.exists(out):
             shutil.rmtree(out)

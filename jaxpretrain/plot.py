@@ -21,6 +21,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from jaxpretrain.atomic import usual_mode
 from jaxpretrain.errors import UserError, run_cli
 
 # llm.c's GPT-2 124M after 10B tokens of FineWeb (karpathy/llm.c discussion #481; modded-nanogpt's
@@ -60,8 +61,8 @@ def metrics_dir(run_dir: str) -> str:
 def read_records(path: str, value_key: str) -> dict[int, dict]:
     """The records of one JSONL file by step, the last record of a step winning (a resumed run appends).
 
-    A last line without its newline is a write cut short (the run was killed mid-line) and is skipped;
-    any other unreadable line is an error naming the file and line.
+    A last line without its newline is a write cut short (the run was killed mid-line) and is skipped
+    silently; any other unreadable line is skipped and counted in one stderr note naming the first.
     """
     records: dict[int, dict] = {}
     if not os.path.exists(path):
@@ -71,6 +72,7 @@ def read_records(path: str, value_key: str) -> dict[int, dict]:
             lines = f.readlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    skipped = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -79,10 +81,13 @@ def read_records(path: str, value_key: str) -> dict[int, dict]:
             step = int(record["step"])
             float(record[value_key])
         except (ValueError, KeyError, TypeError):
-            if number == len(lines) and not line.endswith("\n"):
-                continue
-            raise UserError(f"{path}:{number}: not a metrics record with `step` and `{value_key}`") from None
+            if not (number == len(lines) and not line.endswith("\n")):
+                skipped.append(number)
+            continue
         records[step] = record
+    if skipped:
+        print(f"note: {path}: {len(skipped)} malformed line{'s' * (len(skipped) > 1)} skipped (not a metrics record "
+              f"with `step` and `{value_key}`; first: line {skipped[0]})", file=sys.stderr, flush=True)
     return records
 
 
@@ -186,6 +191,9 @@ def plot_runs(runs: list[RunCurves], output: str, *, reference: str = "auto", yl
 
     out = os.path.abspath(output)
     fmt = os.path.splitext(out)[1].lstrip(".").lower() or "png"
+    if os.path.isdir(out):
+        plt.close(fig)
+        raise UserError(f"--output {output}: is a directory; name the image file (e.g. {os.path.join(output, 'loss.png')})")
     if fmt not in fig.canvas.get_supported_filetypes():
         plt.close(fig)
         raise UserError(f"--output {output}: unknown image format .{fmt} (use .png, .pdf or .svg)")
@@ -198,6 +206,7 @@ def plot_runs(runs: list[RunCurves], output: str, *, reference: str = "auto", yl
         raise UserError(f"--output {output}: cannot write here ({e.strerror})") from None
     try:
         fig.savefig(tmp, format=fmt)
+        usual_mode(tmp)
         os.replace(tmp, out)
     finally:
         plt.close(fig)

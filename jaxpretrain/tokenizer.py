@@ -22,6 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from jaxpretrain.atomic import usual_mode
 from jaxpretrain.errors import UserError
 
 GPT2_NAMES = frozenset({"gpt2", "openai-community/gpt2"})
@@ -108,6 +109,7 @@ def gpt2_tokenizer_dir() -> str:
             continue
         try:
             _write_gpt2_dir(staging)
+            usual_mode(staging)  # a cache other users of the machine share
             os.rename(staging, final)
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)

@@ -155,3 +155,8 @@ def test_export_never_replaces_a_directory_that_is_not_a_model(yaml_run, tmp_pat
     hf = tmp_path / "hf"
     assert export(hf).returncode == 0 and export(hf).returncode == 0
     assert {"config.json", "model.safetensors"} <= set(os.listdir(hf))
+    # Modes as plain open()/mkdir() give them (safetensors and temp names alone would be 0600/0700).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(hf).st_mode & 0o777 == 0o777 & ~umask
+    assert {f: os.stat(hf / f).st_mode & 0o777 for f in os.listdir(hf)} == {f: 0o666 & ~umask for f in os.listdir(hf)}

@@ -93,7 +93,7 @@ def test_known_answers_and_acc_vs_acc_norm():
     assert set(calls) == {(4, 32), (4, 48)}  # one shape per bucket
 
 
-def test_items_file_formats_and_errors(tmp_path):
+def test_items_file_formats_and_errors(tmp_path, capsys):
     from jaxpretrain.errors import UserError
     from jaxpretrain.evaluation.hellaswag import load_items
 
@@ -105,17 +105,28 @@ def test_items_file_formats_and_errors(tmp_path):
     items = load_items(str(good))
     assert [(i.ctx, i.label) for i in items] == [("A man", 2), ("A cat. it", 1)]
     assert len(load_items(str(good), limit=1)) == 1
+    # Malformed rows are skipped and counted in one note naming the first; the good ones are scored.
+    ok = json.dumps({"ctx": "x", "endings": ["a", "b"], "label": 1})
     for text, message in [
-        ('{"ctx": "x", "endings": ["a", "b"], "label": 0}\n{"ctx": "x", "label": 0}\n', ":2: `endings` must be"),
-        ('{"ctx": "x", "endings": ["a", "b"], "label": 5}\n', ":1: `label` must be an ending index 0..1"),
-        ('{"endings": ["a", "b"], "label": 0}\n', ":1: missing or non-string `ctx`"),
-        ("not json\n", ":1: not valid JSON"),
-        ("", "holds no items"),
+        (ok + '\n{"ctx": "x", "label": 0}\n', "line 2: `endings` must be"),
+        ('{"ctx": "x", "endings": ["a", "b"], "label": 5}\n' + ok + "\n", "line 1: `label` must be an ending index 0..1"),
+        ('{"endings": ["a", "b"], "label": 0}\n' + ok + "\n", "line 1: missing or non-string `ctx`"),
+        (ok + "\nnot json\n\xff\n", "line 2: not valid JSON"),
     ]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_bytes(text.encode("latin-1"))  # "\xff": a byte that is not UTF-8
+        assert [(i.ctx, i.endings, i.label) for i in load_items(str(bad))] == [("x", ("a", "b"), 1)]
+        skipped = 2 if "not json" in text else 1
+        note = capsys.readouterr().err.strip()
+        assert note.startswith(f"note: {bad}: {skipped} malformed row{'s' * (skipped > 1)} skipped (first: {message}"), note
+        assert note.endswith("; 1 items scored") and "\n" not in note, note
+    for text, message in [("", "holds no items"), ("not json\n", "holds no items (1 malformed rows skipped)")]:
         bad = tmp_path / "bad.jsonl"
         bad.write_text(text)
         with pytest.raises(UserError, match=re.escape(str(bad)) + ".*" + re.escape(message)):
             load_items(str(bad))
+    with pytest.raises(UserError, match="is a directory"):
+        load_items(str(tmp_path))
 
 
 # -- (b) a random GPT-2 against transformers' torch model -----------------------------------------

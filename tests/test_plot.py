@@ -137,8 +137,13 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "train.jsonl").write_text('{"step": 1, "loss": 3.0, "num_label_tokens": 8}\nnot json\n{"step": 3, "loss": 2.0}\n')
-    r = plot(bad, "--output", tmp_path / "x.png")
-    assert r.returncode == 2 and f"{bad / 'train.jsonl'}:2: not a metrics record" in r.stderr, r.stderr
+    r = plot(bad, "--output", tmp_path / "bad.png")  # skipped and counted: the curve has steps 1 and 3
+    assert r.returncode == 0, r.stderr
+    assert f"note: {bad / 'train.jsonl'}: 1 malformed line skipped (not a metrics record with `step` and `loss`; first: line 2)" in r.stderr
+    assert os.path.getsize(tmp_path / "bad.png") > 0
+    os.remove(tmp_path / "bad.png")
+    r = plot(bad, "--output", tmp_path)
+    assert r.returncode == 2 and "is a directory; name the image file" in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = plot(empty, bad, "--labels", "one", "--output", tmp_path / "x.png")
     assert r.returncode == 2 and "--labels: 1 names for 2 run directories" in r.stderr, r.stderr
     assert not (tmp_path / "x.png").exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".plot-")]

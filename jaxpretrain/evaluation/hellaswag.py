@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -113,28 +114,34 @@ def parse_item(row, where: str) -> Item:
 
 
 def load_items(path: str, limit: int | None = None) -> list[Item]:
-    """The items of a HellaSwag jsonl file (the first `limit` if given); errors name the file and line."""
+    """The items of a HellaSwag jsonl file (the first `limit` if given). A malformed row (bad JSON or
+    UTF-8, a missing field, a label out of range) is skipped and counted: one stderr note says how many
+    and names the first, since the score is then over fewer items than the file's."""
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory (expected a HellaSwag .jsonl file)")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
-    items = []
+    items, skipped = [], []
     try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
                 if limit is not None and len(items) >= limit:
                     break
-                if not line.strip():
+                if not raw.strip():
                     continue
                 try:
-                    row = json.loads(line)
-                except ValueError:
-                    raise UserError(f"{path}:{number}: not valid JSON") from None
-                items.append(parse_item(row, f"{path}:{number}"))
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
+                    items.append(parse_item(json.loads(raw.decode("utf-8")), f"line {number}"))
+                except ValueError:  # bad JSON or UTF-8 (UnicodeDecodeError is a ValueError)
+                    skipped.append(f"line {number}: not valid JSON")
+                except UserError as e:  # parse_item's reason, starting "line N: "
+                    skipped.append(str(e))
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if skipped:
+        print(f"note: {path}: {len(skipped)} malformed row{'s' * (len(skipped) > 1)} skipped "
+              f"(first: {skipped[0]}); {len(items)} items scored", file=sys.stderr, flush=True)
     if not items:
-        raise UserError(f"{path}: holds no items")
+        raise UserError(f"{path}: holds no items" + (f" ({len(skipped)} malformed rows skipped)" if skipped else ""))
     return items
 
 

@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jaxpretrain.atomic import usual_mode
 from jaxpretrain.errors import UserError
 from jaxpretrain.model.build import abstract_model, default_mesh, state_shardings
 from jaxpretrain.model.gpt2 import weights as _gpt2_weights
@@ -342,6 +343,7 @@ def save_pretrained(
                 save_tokenizer(tokenizer, tmp)
             if tokenizer_files_from is not None:
                 _copy_tokenizer_files(tokenizer_files_from, tmp)
+            usual_mode(tmp)  # safetensors writes 0600; teammates read exports
             _replace_dir(tmp, out_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
