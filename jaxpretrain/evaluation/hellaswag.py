@@ -141,7 +141,7 @@ def load_items(path: str, limit: int | None = None) -> list[Item]:
         print(f"note: {path}: {len(skipped)} malformed row{'s' * (len(skipped) > 1)} skipped "
               f"(first: {skipped[0]}); {len(items)} items scored", file=sys.stderr, flush=True)
     if not items:
-        raise UserError(f"{path}: holds no items" + (f" ({len(skipped)} malformed rows skipped)" if skipped else ""))
+        raise UserError(f"{path}: holds no items" + (f" ({len(skipped)} malformed row{'s' * (len(skipped) > 1)} skipped)" if skipped else ""))
     return items
 
 
