@@ -88,6 +88,16 @@ def test_json_list_and_dict_on_the_command_line_train(token_glob, tmp_path):
         (["--config.step_scheduler.max_step=5"],
          "no such config field step_scheduler.max_step; did you mean --config.step_scheduler.max_steps?"),
         (["--config.optimizer.name=sgd"], "optimizer.name: 'sgd' is not supported"),
+        (["--config.optimizer.betas=0.9"], "optimizer.betas: expected two numbers [beta1, beta2]"),
+        (["--config.optimizer.betas=[0.9, 1.5]"], "optimizer.betas: beta2 must be a number in [0, 1), got 1.5"),
+        (["--config.optimizer.eps=-1"], "optimizer.eps: must be positive"),
+        (["--config.optimizer.lr=-1"], "optimizer.lr: must be positive"),  # not lr_scheduler.min_lr
+        (["--config.model.dtype=float8"], "model.dtype: 'float8' is not one of float32, bfloat16, float16"),
+        (["--config.model.dropout=1.5"], "model.dropout: embd_pdrop must be in [0, 1), got 1.5"),
+        (["--config.step_scheduler.global_batch_size=0"], "step_scheduler.global_batch_size: must be positive, got 0"),
+        (["--config.checkpoint.checkpoint_dir=/etc/passwd"], "checkpoint.checkpoint_dir: /etc/passwd exists and is not a directory"),
+        (["--config.checkpoint.checkpoint_dir=/etc/passwd/ckpt"], "/etc/passwd/ckpt cannot be created (/etc/passwd is a file)"),
+        (["--config.dataset.tokenizer=/nonexistent/tok"], "dataset.tokenizer: tokenizer '/nonexistent/tok': cannot load"),
     ],
 )
 def test_config_mistakes(flags, expected, token_glob, tmp_path):

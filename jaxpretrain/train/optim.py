@@ -18,9 +18,22 @@ SUPPORTED = ("adamw",)
 
 
 def check_optimizer(cfg) -> None:
-    """The `optimizer` section's choices (no jax needed)."""
-    if cfg.optimizer.name not in SUPPORTED:
-        raise ConfigError(f"optimizer.name: {cfg.optimizer.name!r} is not supported (use 'adamw')")
+    """The `optimizer` section's choices and values (no jax needed)."""
+    opt = cfg.optimizer
+    if opt.name not in SUPPORTED:
+        raise ConfigError(f"optimizer.name: {opt.name!r} is not supported (use 'adamw')")
+    betas = opt.betas
+    if isinstance(betas, str) or not hasattr(betas, "__len__") or len(betas) != 2:
+        raise ConfigError(f"optimizer.betas: expected two numbers [beta1, beta2] such as [0.9, 0.95], got {betas!r}")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ConfigError(f"optimizer.betas: beta{i + 1} must be a number in [0, 1), got {beta!r}")
+    if not float(opt.eps) > 0.0:
+        raise ConfigError(f"optimizer.eps: must be positive, got {opt.eps!r}")
+    if not float(opt.weight_decay) >= 0.0:
+        raise ConfigError(f"optimizer.weight_decay: must be zero or positive, got {opt.weight_decay!r}")
+    if not float(opt.lr) > 0.0:
+        raise ConfigError(f"optimizer.lr: must be positive, got {opt.lr!r}")
 
 
 def build_optimizer(cfg, schedule: LRSchedule) -> optax.GradientTransformation:

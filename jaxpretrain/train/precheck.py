@@ -8,6 +8,8 @@ needs the devices (batch divisibility, the mesh) or the model (its HF config), f
 
 from __future__ import annotations
 
+import os
+
 from jaxpretrain.errors import UserError
 from jaxpretrain.train import optim
 from jaxpretrain.train import schedule as schedule_lib
@@ -18,8 +20,39 @@ def check_max_steps(step_scheduler) -> None:
         raise UserError("step_scheduler.max_steps: must be positive")
 
 
+# Compute dtypes the models take (parameters stay float32 masters whatever this says).
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(model) -> None:
+    if model.dtype not in COMPUTE_DTYPES:
+        raise UserError(f"model.dtype: {model.dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+
+
+def check_checkpoint_dir(checkpoint) -> None:
+    """checkpoint.checkpoint_dir must be a directory or creatable as one: found now, not at the first
+    save after the compile (or, for a file, inside Orbax)."""
+    if not checkpoint.enabled:
+        return
+    path = os.path.abspath(str(checkpoint.checkpoint_dir))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UserError(f"checkpoint.checkpoint_dir: {checkpoint.checkpoint_dir} exists and is not a directory")
+        target = path
+    else:
+        target = os.path.dirname(path)
+        while not os.path.exists(target):
+            target = os.path.dirname(target)
+        if not os.path.isdir(target):
+            raise UserError(f"checkpoint.checkpoint_dir: {checkpoint.checkpoint_dir} cannot be created ({target} is a file)")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise UserError(f"checkpoint.checkpoint_dir: {checkpoint.checkpoint_dir} is not writable ({target})")
+
+
 def check(cfg) -> None:
     """Raise the first config mistake found without jax: a UserError naming the field."""
     check_max_steps(cfg.step_scheduler)
+    check_dtype(cfg.model)
+    optim.check_optimizer(cfg)  # before the schedule, which would blame lr_scheduler for a bad optimizer.lr
     schedule_lib.from_config(cfg)  # warmup below decay, a known decay style, lr bounds
-    optim.check_optimizer(cfg)
+    check_checkpoint_dir(cfg.checkpoint)

@@ -50,7 +50,10 @@ class BatchPlan:
 def plan_batches(cfg, dp_size: int) -> BatchPlan:
     ss = cfg.step_scheduler
     g, l = int(ss.global_batch_size), int(ss.local_batch_size)
-    if g <= 0 or l <= 0 or g % (l * dp_size):
+    for name, value in (("global_batch_size", g), ("local_batch_size", l)):
+        if value <= 0:
+            raise UserError(f"step_scheduler.{name}: must be positive, got {value}")
+    if g % (l * dp_size):
         raise UserError(
             f"step_scheduler.global_batch_size: {g} is not a multiple of local_batch_size ({l}) x "
             f"data-parallel size ({dp_size})"
@@ -283,11 +286,14 @@ def setup(cfg, source: str | None = None) -> Run:
     and the newest checkpoint if any."""
     mesh = make_mesh(cfg)
     plan = plan_batches(cfg, parallel.data_parallel_size(mesh))
+    precheck.check_dtype(cfg.model)
     hf_config = model_config(cfg)
     build_optimizer(cfg, schedule_lib.from_config(cfg))  # schedule and optimizer mistakes: one line, now
     loss_chunk_size(cfg)
+    precheck.check_checkpoint_dir(cfg.checkpoint)
     if cfg.checkpoint.enabled:
         check_resumable(cfg, hf_config)
+    check_tokenizers(cfg)
     hellaswag_items = None
     if cfg.eval.hellaswag_path:
         from jaxpretrain.evaluation import hellaswag
@@ -313,6 +319,22 @@ def setup(cfg, source: str | None = None) -> Run:
                      ckpt.directory, ", ".join(map(str, ckpt.incomplete)))
     training.state = None  # the Run's state is the one to use (the initial one may have been donated)
     return Run(cfg, mesh, plan, data, training, state, data_iter, ckpt, start_step, source or "(a config object)", hellaswag_items)
+
+
+def check_tokenizers(cfg) -> None:
+    """The run's tokenizer goes into every checkpoint (export and save_consolidated write it out):
+    one that cannot be loaded is an error now, not after the run. The embedded GPT-2 always loads."""
+    from jaxpretrain.tokenizer import is_embedded_gpt2_name, load_tokenizer
+
+    checked = set()
+    for section in ("dataset", "validation_dataset"):
+        name = cfg[section].get("tokenizer")
+        if name is not None and not is_embedded_gpt2_name(name) and name not in checked:
+            checked.add(name)
+            try:
+                load_tokenizer(name)
+            except UserError as e:
+                raise UserError(f"{section}.tokenizer: {e}") from None
 
 
 def check_resumable(cfg, hf_config) -> None:

@@ -68,6 +68,10 @@ def validate(config: GPT2Config) -> None:
     for name in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size"):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             raise UserError(f"model.{name}: must be a positive integer, got {getattr(config, name)!r}")
+    for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+        rate = getattr(config, name, 0.0)
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            raise UserError(f"model.dropout: {name} must be in [0, 1), got {rate!r}")
     if config.n_embd % config.n_head:
         raise UserError(f"model.n_head: n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
     if config.activation_function not in ACTIVATIONS:
