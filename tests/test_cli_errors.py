@@ -145,6 +145,34 @@ def test_export_of_a_step_directory_says_use_step(yaml_run, tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+def test_damaged_checkpoint_is_one_line_naming_it(yaml_run, tmp_path):
+    """A checkpoint whose params item is gone, or whose files are cut short: export, and a run resuming
+    from it, say which checkpoint is damaged and what is left, in one line (Orbax raised KeyError /
+    JSONDecodeError tracebacks)."""
+    import shutil
+
+    recipe, ckpt, _ = yaml_run
+    steps = sorted(int(n) for n in os.listdir(ckpt) if n.isdigit())
+    newest = steps[-1]
+    for damage in ("missing", "truncated"):
+        copy = tmp_path / damage
+        shutil.copytree(ckpt, copy)
+        params = copy / str(newest) / "params"
+        if damage == "missing":
+            shutil.rmtree(params)
+        else:
+            for root, _, files in os.walk(params):
+                for name in files:
+                    with open(os.path.join(root, name), "r+b") as f:
+                        f.truncate(max(0, os.path.getsize(os.path.join(root, name)) // 3))
+        r = python("-m", "jaxpretrain.export", "--checkpoint-dir", str(copy), "--output", str(tmp_path / "hf"))
+        line = one_error_line(r, f"{copy / str(newest)}: this checkpoint is damaged and cannot be restored")
+        assert (f"older checkpoints: {', '.join(map(str, steps[:-1]))}" if steps[:-1] else "no older checkpoint") in line
+        assert not (tmp_path / "hf").exists()
+    r = python("-m", "jaxpretrain.train", "--config", recipe, *SMALL, f"--config.checkpoint.checkpoint_dir={tmp_path / 'missing'}")
+    one_error_line(r, f"{tmp_path / 'missing' / str(newest)}: this checkpoint is damaged")
+
+
 def test_export_never_replaces_a_directory_that_is_not_a_model(yaml_run, tmp_path):
     """An existing --output is replaced only when it is an earlier export; a directory with the user's
     files, the checkpoint directory itself or one holding it, or a file, is refused untouched."""

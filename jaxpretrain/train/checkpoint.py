@@ -208,13 +208,31 @@ class TrainCheckpointer:
         )
         saved = self.loader_positions(step)
         if not saved or any(n == jax.process_count() for _, n in saved):
-            return self._manager.restore(step, args=ocp.args.Composite(**items, data=loader_restore_args(data_iterator)))
+            return self._restore(step, ocp.args.Composite(**items, data=loader_restore_args(data_iterator)))
         positions = {json.dumps(state, sort_keys=True) for state in saved.values()}
         if len(positions) != 1:
             raise UserError(f"{self.step_dir(step)}/data: the {len(saved)} saved loader positions differ ({sorted(positions)})")
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self._restore(step, ocp.args.Composite(**items))
         data_iterator.set_state(json.loads(positions.pop()))
         return restored
+
+    def _restore(self, step: int, args) -> dict:
+        """Orbax's restore, with a damaged checkpoint (a missing item, truncated or garbled files:
+        Orbax raises KeyError, JSONDecodeError, ValueError, ...) as one line naming it and the way on."""
+        try:
+            return self._manager.restore(step, args=args)
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise self.damaged(step, e) from None
+
+    def damaged(self, step: int, e: BaseException) -> UserError:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+        older = [s for s in self.all_steps() if s < step]
+        way_on = (f"older checkpoints: {', '.join(map(str, older))} (export --step N; to train from one, move "
+                  f"{self.step_dir(step)} out of {self.directory})") if older else "no older checkpoint to fall back on"
+        return UserError(f"{self.step_dir(step)}: this checkpoint is damaged and cannot be restored ({reason}); {way_on}")
 
     def loader_positions(self, step: int) -> dict[tuple[int, int], dict]:
         """{(process index, process count): loader state} as the processes that wrote `step` saved them."""
@@ -222,16 +240,19 @@ class TrainCheckpointer:
         for path in glob.glob(os.path.join(self.step_dir(step), "data", "process_*-of-*.json")):
             m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", os.path.basename(path))
             if m:
-                with open(path) as f:
-                    found[(int(m.group(1)), int(m.group(2)))] = json.load(f)
+                try:
+                    with open(path) as f:
+                        found[(int(m.group(1)), int(m.group(2)))] = json.load(f)
+                except (OSError, ValueError) as e:
+                    raise self.damaged(step, e) from None
         return found
 
     def restore_meta(self, step: int) -> dict:
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self._restore(step, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore_params(self, step: int, abstract_params) -> object:
         args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(abstract_params)))
-        return self._manager.restore(step, args=args)["params"]
+        return self._restore(step, args)["params"]
 
     def wait(self) -> None:
         """Block until the running save is complete; its failure is raised as a `CheckpointWriteError`."""
