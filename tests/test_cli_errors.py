@@ -97,6 +97,7 @@ def test_json_list_and_dict_on_the_command_line_train(token_glob, tmp_path):
         (["--config.step_scheduler.global_batch_size=0"], "step_scheduler.global_batch_size: must be positive, got 0"),
         (["--config.checkpoint.checkpoint_dir=/etc/passwd"], "checkpoint.checkpoint_dir: /etc/passwd exists and is not a directory"),
         (["--config.checkpoint.checkpoint_dir=/etc/passwd/ckpt"], "/etc/passwd/ckpt cannot be created (/etc/passwd is a file)"),
+        (["--config.validation_dataset.split=abc"], "validation_dataset.split: 'abc' must be one to three numbers"),
         (["--config.dataset.tokenizer=/nonexistent/tok"], "dataset.tokenizer: tokenizer '/nonexistent/tok': cannot load"),
     ],
 )

@@ -114,6 +114,8 @@ def test_validation_fields_default_to_the_train_section():
         (["--config.step_scheduler.max_steps=many"], "--config.step_scheduler.max_steps: 'many' is not a whole number"),
         (["--config.dataset.paths=[1, 2"], "--config.dataset.paths: '[1, 2' is not valid JSON"),
         (["--steps=3"], "--steps=3: unknown flag"),
+        (["--config.optimizer.lr", "--config.step_scheduler.max_steps=3"],
+         "--config.optimizer.lr: no value given (write --config.optimizer.lr=VALUE; the next flag, --config.step_scheduler.max_steps, is not a value)"),
     ],
 )
 def test_override_mistakes(argv, expected):

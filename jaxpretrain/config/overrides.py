@@ -61,6 +61,9 @@ def parse_value(raw, current, field_type, where: str):
     if not isinstance(raw, str):
         return _coerce(raw, current, field_type, where)
     text = raw.strip()
+    if text.startswith("--config.") or text == "--config":
+        # `--config.a.b --config.c=1`: the next flag was taken as this one's value
+        raise UserError(f"{where}: no value given (write {where}=VALUE; the next flag, {text.split('=')[0]}, is not a value)")
     if text in _NONE:
         return None
     if text[:1] in "[{":

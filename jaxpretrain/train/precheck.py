@@ -49,6 +49,19 @@ def check_checkpoint_dir(checkpoint) -> None:
         raise UserError(f"checkpoint.checkpoint_dir: {checkpoint.checkpoint_dir} is not writable ({target})")
 
 
+def check_splits(cfg) -> None:
+    """Each section's `split` as Megatron parses it (numbers, one to three, some positive)."""
+    from jaxpretrain.data.gpt_dataset import parse_split  # numpy only
+
+    for section in ("dataset", "validation_dataset"):
+        split = cfg[section].get("split")
+        if split is not None:
+            try:
+                parse_split(split)
+            except UserError as e:
+                raise UserError(f"{section}.{e}") from None
+
+
 def check(cfg) -> None:
     """Raise the first config mistake found without jax: a UserError naming the field."""
     check_max_steps(cfg.step_scheduler)
@@ -56,3 +69,4 @@ def check(cfg) -> None:
     optim.check_optimizer(cfg)  # before the schedule, which would blame lr_scheduler for a bad optimizer.lr
     schedule_lib.from_config(cfg)  # warmup below decay, a known decay style, lr bounds
     check_checkpoint_dir(cfg.checkpoint)
+    check_splits(cfg)
