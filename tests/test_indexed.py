@@ -279,3 +279,9 @@ def test_missing_files(good_pair):
     _expect_error(good_pair, good_pair + ".bin", "data file not found")
     os.remove(good_pair + ".idx")
     _expect_error(good_pair, good_pair + ".idx", "index file not found")
+
+
+def test_a_directory_where_a_file_belongs(good_pair):
+    os.remove(good_pair + ".bin")
+    os.mkdir(good_pair + ".bin")
+    _expect_error(good_pair, good_pair + ".bin", "is a directory, not a Megatron data file")

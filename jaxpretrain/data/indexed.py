@@ -104,6 +104,9 @@ class IndexedDataset:
 
     def _open(self) -> None:
         idx_path, bin_path = self.idx_path, self.bin_path
+        for path in (idx_path, bin_path):
+            if os.path.isdir(path):
+                raise UserError(f"{path}: is a directory, not a Megatron {'index' if path == idx_path else 'data'} file")
         if not os.path.isfile(idx_path):
             hint = " (the .bin is there: the pair is incomplete, e.g. an interrupted write)" if os.path.isfile(bin_path) else ""
             raise UserError(f"{idx_path}: index file not found{hint}")
