@@ -253,6 +253,18 @@ def test_gradients_match_torch(checkpoint, remat):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("shape", ["wide-gelu", "one-layer-relu"])
+def test_flops_per_token(shape):
+    """nanoGPT's count: 6 x (transformers' parameter count less the position table, which a token only
+    looks up) + 12 L H Q T for attention, at T = 24; and the 124M preset's own figure."""
+    config = _config(**SHAPES[shape])
+    n = sum(p.numel() for p in TorchGPT2(config).parameters()) - config.n_positions * config.n_embd
+    want = 6 * n + 12 * config.n_layer * config.n_head * (config.n_embd // config.n_head) * 24
+    assert M.flops_per_token(config, 24) == want
+    gpt2_124m = GPT2Config()  # 124,439,808 parameters with the 1024 x 768 position table
+    assert M.flops_per_token(gpt2_124m, 1024) == 6 * (124_439_808 - 1024 * 768) + 12 * 12 * 12 * 64 * 1024
+
+
 def test_init_statistics_follow_hf_init_weights():
     config = _config(n_layer=2, n_embd=128, n_head=4, n_positions=64, vocab_size=1000)
     model = M.create_model(config, seed=0, vocab_multiple=128)
