@@ -237,7 +237,10 @@ _KILLED_BUILD = textwrap.dedent(
             return real(path, half)
         return real(path, write)
     index_cache.save_atomic = dying
-    build_gpt_datasets({prefixes!r}, cache_dir={cache!r}, **{kw!r})
+    class Tok:  # megatron_reference.FakeTokenizer's identity: the cache takes Megatron's file names
+        eod, pad, vocab_size = 0, -1, 1000
+        unique_identifiers = {{"class": "FakeTokenizer", "name": "fake"}}
+    build_gpt_datasets({prefixes!r}, cache_dir={cache!r}, tokenizer=Tok(), **{kw!r})
     """
 )
 
@@ -258,9 +261,14 @@ def test_build_killed_midway_leaves_nothing_that_is_trusted(corpus, tmp_path, at
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert any(n.startswith(".tmp-") for n in os.listdir(cache))  # it really died mid-write
-    again = build_gpt_datasets(corpus, cache_dir=cache, **KW)
+    again = build_gpt_datasets(corpus, cache_dir=cache, tokenizer=M.FakeTokenizer(), **KW)
     assert _arrays_digest(again) == _arrays_digest(build_gpt_datasets(corpus, **KW))
     assert not [n for n in os.listdir(cache) if n.startswith(".tmp-")]  # the killed writer's leftovers
+    # The cache after the recovery: byte for byte the files megatron-core writes for this config.
+    mega = str(tmp_path / "mega")
+    M.build((list(corpus), None), split=KW["split"], seq_length=KW["seq_length"], seed=KW["seed"],
+            sizes=list(KW["num_samples"][:2]) + [None], cache_dir=mega, tokenizer=M.FakeTokenizer())
+    assert M.list_cache(cache) == M.list_cache(mega)
 
 
 _SIMULTANEOUS = textwrap.dedent(
