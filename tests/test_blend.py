@@ -132,9 +132,14 @@ def test_unweighted_glob_sorted_as_strings(prefixes, tmp_path):
 
 
 def test_unweighted_blend_capped_at_one_epoch(prefixes, tmp_path):
-    ours = build_gpt_datasets(prefixes[:2], seq_length=16, split="1", seed=1, num_samples=(10**7, 0, 0))[0]
-    assert len(ours) == sum(len(d) for d in ours.datasets) < 10**7
+    """Far more samples asked of an unweighted blend than it has: megatron-core caps it at one pass."""
+    ref = M.build((prefixes[:2], None), split="1", seq_length=16, seed=1, sizes=[10**7, None, None],
+                  cache_dir=str(tmp_path / "mega"))[0]
+    ours = build_gpt_datasets(prefixes[:2], seq_length=16, split="1", seed=1, num_samples=(10**7, 0, 0),
+                              cache_dir=str(tmp_path / "ours"), tokenizer=M.FakeTokenizer())[0]
+    assert len(ours) == len(ref) == sum(len(d) for d in ref.datasets) < 10**7
     assert all(d.num_epochs == 1 for d in ours.datasets)
+    assert_same_blend(ref, ours)
 
 
 @pytest.mark.parametrize("seed", [1234, 7])
