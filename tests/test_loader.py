@@ -86,13 +86,18 @@ def test_processes_get_disjoint_contiguous_shares(data):
 
 
 def test_repeat_goes_round_the_dataset_again(data):
-    """num_epochs > 1: batch available + k is batch k again, in the same order."""
+    """num_epochs > 1: the batches of NeMo's MegatronPretrainingSampler iterated once per epoch, as
+    the seed's StepScheduler iterates its dataloader (each pass starts again at sample 0)."""
     train = data["train"]
     available = len(train) // G
     batches = list(make_loader(train, global_batch_size=G, num_batches=available + 3, repeat=True))
     assert len(batches) == available + 3
-    for k in range(3):
-        np.testing.assert_array_equal(batches[available + k]["input_ids"], batches[k]["input_ids"])
+    sampler = M.nemo_sampler_class()(total_samples=len(train), micro_batch_size=G, data_parallel_rank=0,
+                                     data_parallel_size=1, drop_last=True, global_batch_size=G)
+    epochs = list(sampler) + list(sampler)
+    assert len(epochs) == 2 * available
+    for k, batch in enumerate(batches):
+        np.testing.assert_array_equal(batch["input_ids"], np.stack([train[int(i)]["input_ids"] for i in epochs[k]]))
 
 
 def test_validation_iterates_afresh(data):
