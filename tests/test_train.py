@@ -219,3 +219,31 @@ def test_bad_config_is_one_clear_line(flags, expected, token_glob, tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], r.stderr[-2000:]
     assert not os.path.exists(tmp_path / "ckpt"), "nothing is written for a run that cannot start"
+
+
+def test_epochs_sample_count_sync_saves_and_a_finished_rerun(token_glob, tmp_path):
+    """dataset.num_train_samples (3 global batches) x step_scheduler.num_epochs 2 ends the run at step 6
+    whatever max_steps says, the second epoch numbered as such; synchronous saves
+    (checkpoint.async_save=False) and validation_dataset.global_batch_size are honoured; rerunning
+    the finished run trains nothing and says so."""
+    ckpt = str(tmp_path / "ckpt")
+    o = tiny_overrides(token_glob, ckpt, **{
+        "dataset.num_train_samples": 3 * 8, "step_scheduler.num_epochs": 2, "step_scheduler.max_steps": 50,
+        "step_scheduler.ckpt_every_steps": 3, "step_scheduler.val_every_steps": 3, "checkpoint.async_save": False,
+        "validation_dataset.global_batch_size": 2, "model.dropout": 0.0,
+    })
+    r = python("-m", "jaxpretrain.train", *as_flags(o))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    steps = [(int(m.group(1)), int(m.group(2))) for m in map(STEP_LINE.search, r.stdout.splitlines()) if m]
+    assert [s for s, _ in steps] == list(range(1, 7))
+    assert [e for _, e in steps] == [steps[0][1]] * 3 + [steps[0][1] + 1] * 3
+    vals = [m for m in map(VAL_LINE.search, r.stdout.splitlines()) if m]
+    assert [int(m.group(1)) for m in vals] == [3, 6] and all(int(m.group(4)) == VAL_SAMPLES * SEQ for m in vals)
+    assert "Summary: Finished at step 6 of 6" in r.stdout and "Steps: 6, 256 tokens each" in r.stdout
+    assert f"{VAL_SAMPLES} samples in batches of 2" in r.stdout
+    assert sorted(int(n) for n in os.listdir(ckpt) if n.isdigit()) == [3, 6]
+    again = python("-m", "jaxpretrain.train", *as_flags(o))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "Nothing to do: the checkpoint is at step 6 of 6" in again.stdout
+    assert not [m for m in map(STEP_LINE.search, again.stdout.splitlines()) if m]
+    assert sorted(train_losses(ckpt)) == list(range(1, 7))  # nothing appended by the rerun

@@ -43,7 +43,8 @@ def log_experiment(run, l2: float, run_dir: str) -> None:
     if data.validation is not None:
         same = prefixes(data.validation) == prefixes(data.train)
         what = "the same files" if same else files_summary(data.validation, cfg.validation_dataset)
-        log.info("Validation data: %s, split %r", what, cfg.validation_dataset.split)
+        log.info("Validation data: %s, split %r, %d samples in batches of %d", what, cfg.validation_dataset.split,
+                 plan.val_samples, plan.val_batch_size)
     ss = cfg.step_scheduler
     log.info(
         "Steps: %d, %d tokens each (global batch %d x seq %d), validation every %d, checkpoint every %d",
