@@ -75,6 +75,12 @@ def model_section() -> ml_collections.ConfigDict:
     m.vocab_multiple = 128
     # Recompute each block's activations in the backward pass (less memory, ~30% more FLOPs).
     m.remat = False
+    # With remat: a jax.checkpoint_policies name saying what to keep, e.g.
+    # "dots_with_no_batch_dims_saveable" (None: keep nothing, recompute all).
+    m.remat_policy = placeholder(str)
+    # Run the blocks as one lax.scan: XLA compiles one block instead of n_layer (faster compile);
+    # parameters, checkpoints and HF weights are unchanged.
+    m.scan_layers = False
     # Start from the HF checkpoint's weights instead of a fresh init.
     m.load_weights = False
     return m
