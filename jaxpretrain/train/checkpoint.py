@@ -121,7 +121,8 @@ class TrainCheckpointer:
         # What a killed save left behind, noted before the manager removes it.
         self.incomplete = incomplete_steps(self.directory)
         self._primary = jax.process_index() == 0
-        if not read_only and self._primary:
+        self._writes = not read_only and self._primary  # this process removes old checkpoints
+        if self._writes:
             _empty_trash(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
@@ -269,6 +270,10 @@ class TrainCheckpointer:
         self._manager.close()
         if self._cleaner is not None:
             self._cleaner.join()
+        if self._writes:
+            # The last save's finalization moved the oldest kept step to the trash after the cleaner
+            # ran: a finished run leaves no copy of it on disk (the next start would remove it too).
+            _empty_trash(self.directory)
 
     def abandon(self) -> None:
         """On the way out after an error: let a running save finish (it may be the last good one),
