@@ -223,7 +223,22 @@ def argparse_like(flags: dict):
             raise UserError(f"--{name.replace('_', '-')}: must be at least 1")
     if flags["warmup"] < 0:
         raise UserError("--warmup: must be 0 or more")
+    if flags.get("profile") is not None:  # scripts/bench_torch.py has no --profile
+        _check_profile_dir(flags["profile"])
     return types.SimpleNamespace(**flags)
+
+
+def _check_profile_dir(directory: str) -> None:
+    # jax.profiler only writes the trace when it stops, after the whole benchmark: a directory it
+    # cannot write must fail here, before minutes of compiling and stepping are thrown away.
+    import tempfile
+
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise UserError(f"--profile {directory}: cannot write the trace there ({e.strerror or e})") from None
 
 
 if __name__ == "__main__":

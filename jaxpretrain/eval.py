@@ -64,9 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--batch-size", type=int, default=32, help="rows (context + one ending) per forward pass")
     h.add_argument("--limit", type=int, default=None, help="score only the first N items")
     a = p.parse_args(argv)
-    if a.step is not None and a.checkpoint_dir is None:
-        p.error("--step needs --checkpoint-dir")
+    if a.step is not None and a.checkpoint_dir is None:  # an HF directory holds one set of weights, no steps
+        raise UserError(f"--step: applies to --checkpoint-dir only, not to --model {a.model}")
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's read-only notices are not news to the user
     return hellaswag(a)
+
+
+def hellaswag_main(argv: list[str] | None = None) -> int:
+    """`python -m jaxpretrain.evaluation.hellaswag ARGS` (where the scoring lives) is `... eval hellaswag ARGS`."""
+    return main(["hellaswag", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

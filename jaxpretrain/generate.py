@@ -41,16 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--model", help="Hugging Face model directory (e.g. from jaxpretrain.export)")
     source.add_argument("--checkpoint-dir", help="checkpoint.checkpoint_dir of a training run")
     p.add_argument("--step", type=int, default=None, help="with --checkpoint-dir: the step to load (default: newest)")
-    p.add_argument("--prompt", default="def ")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompt", default="def ", help='text to continue (default: "def ")')
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add to each sample at most (default: 64)")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1: off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed, the same samples (default: 0)")
     p.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, decoded as one batch")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     a = p.parse_args(argv)
     check_args(a)  # before jax is imported: a bad flag answers at once
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's read-only notices are not news to the user
 
     import numpy as np
 
@@ -91,6 +94,8 @@ def check_args(a) -> None:
         raise UserError(f"--top-p: must be in (0, 1] (1 is off), got {a.top_p}")
     if a.num_samples < 1:
         raise UserError(f"--num-samples: must be a positive integer, got {a.num_samples}")
+    if a.step is not None and a.model is not None:  # an HF directory holds one set of weights, no steps
+        raise UserError(f"--step: applies to --checkpoint-dir only, not to --model {a.model}")
     if a.model is not None:
         if not os.path.isdir(a.model):
             raise UserError(f"--model: {a.model}: no such directory")

@@ -69,14 +69,47 @@ class Summary:
         return "\n".join(lines)
 
 
-def _check_output_dir(directory: str) -> None:
+def _check_output_prefix(output_prefix: str) -> None:
+    # The name part is what every output file starts with: without one, they would be `_0_text_document.*`
+    # (or hidden `._0_...`) files; a directory part is meaningful (it is where they go).
+    if os.path.basename(output_prefix) in ("", ".", ".."):
+        raise UserError(f"--output-prefix {output_prefix!r}: must end in a file name prefix, e.g. out/processed_data")
+
+
+def _check_json_keys(keys: tuple[str, ...]) -> None:
+    if not keys:
+        raise UserError("--json-keys: give at least one key")
+    # Each key names one output: a repeated key would write the same pair twice over.
+    repeated = [key for key, count in Counter(keys).items() if count > 1]
+    if repeated:
+        raise UserError(f"--json-keys: {repeated[0]!r} is given more than once; give each key once")
+
+
+def _check_output_dir(directory: str) -> list[str]:
+    """Create `directory` if needed and check it is writable; returns the directories this created."""
     directory = directory or "."
+    created = []
+    missing = os.path.abspath(directory)
+    while not os.path.exists(missing):
+        created.append(missing)
+        missing = os.path.dirname(missing)
     try:
         os.makedirs(directory, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as e:
+        _remove_empty_dirs(created)
         raise UserError(f"{directory}: output directory is not writable ({e.strerror or e})") from None
+    return created
+
+
+def _remove_empty_dirs(created: list[str]) -> None:
+    """Undo `_check_output_dir` after a failed run: a directory it created goes only if still empty."""
+    for directory in created:  # deepest first
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return  # not empty (an earlier input's finished pair) or already gone: keep it and its parents
 
 
 def _tokenizer_setup(name: str | None, hf_tokenizer: bool) -> tuple[bool, int, int | None, str]:
@@ -171,12 +204,30 @@ def preprocess_files(
     keys = tuple(json_keys)
     if text_column:
         keys = (text_column,)
-    if not keys:
-        raise UserError("--json-keys: give at least one key")
+    _check_json_keys(keys)
+    _check_output_prefix(output_prefix)
 
     files = resolve_inputs(input)
     out_dir = output_path if output_path else os.path.dirname(output_prefix)
-    _check_output_dir(out_dir)
+    created_dirs = _check_output_dir(out_dir)
+    try:
+        return _preprocess(
+            files, keys, output_prefix=output_prefix, output_path=output_path, input_type=input_type,
+            text_column=text_column, append_eod=append_eod, workers=workers, tokenizer=tokenizer,
+            hf_tokenizer=hf_tokenizer, log_interval=log_interval, progress=progress, unit_bytes=unit_bytes,
+            start_time=start_time,
+        )
+    except BaseException:
+        _remove_empty_dirs(created_dirs)  # a failed run leaves no empty output directory of its own making
+        raise
+
+
+def _preprocess(
+    files: list[str], keys: tuple[str, ...], *, output_prefix: str, output_path: str | None, input_type: str,
+    text_column: str | None, append_eod: bool, workers: int, tokenizer: str | None, hf_tokenizer: bool,
+    log_interval: int, progress: bool, unit_bytes: int | None, start_time: float,
+) -> Summary:
+    """The work of `preprocess_files` once its arguments are checked and the output directory exists."""
     fast_gpt2, vocab_size, eos_id, encoder_label = _tokenizer_setup(tokenizer, hf_tokenizer)
     if append_eod and eos_id is None:
         raise UserError(f"--append-eod: tokenizer {tokenizer!r} has no eos token")

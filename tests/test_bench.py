@@ -46,3 +46,14 @@ def test_bad_bench_flag_is_one_line():
     r = run_module("jaxpretrain.bench", "--config", "configs/gpt2.py:tiny", "--steps", "x", timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert [line for line in r.stderr.splitlines() if line.startswith("error:")] == ["error: --steps: 'x' is not a int"]
+
+
+def test_unwritable_profile_dir_fails_before_compiling(tmp_path):
+    blocker = tmp_path / "a_file"  # a file where a directory is wanted (tests may run as root: no chmod tricks)
+    blocker.write_text("not a directory")
+    r = run_module("jaxpretrain.bench", *TINY, "--steps", "1", "--profile", str(blocker / "trace"), timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert [line for line in r.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: --profile {blocker / 'trace'}: cannot write the trace there (Not a directory)"
+    ]
+    assert "compile" not in r.stdout  # no benchmark ran

@@ -214,6 +214,13 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path):
     pq.write_table(pa.table({"content": ["a", "b"], "id": ["1", "2"]}), notext / "000_00000.parquet")
     cases["000_00000.parquet: no `text` column (columns: content, id)"] = ["--source", notext]
     cases["--nchunks: must be between 1 and 100"] = ["--source", notext, "--nchunks", 0]
+    small = tmp_path / "small"
+    small.mkdir()
+    pq.write_table(pa.table({"text": ["a", "b", "c"]}), small / "000_00000.parquet")
+    cases["--workers: must be at least 1, got 0"] = ["--source", small, "--workers", 0]
+    # Fewer rows than the default 10000 validation lines: the training chunk would be empty.
+    cases["--val-lines-per-chunk 10,000: the input's 3 rows give 3 lines to a chunk (--nchunks 1), so it would keep "
+          "no training line; use at most 2"] = ["--source", small]
     cases["--source PARQUET_DIR"] = []  # no --source: the download, offline here (HF_HUB_OFFLINE=1)
     for expected, args in cases.items():
         data_dir = tmp_path / "data"
@@ -265,3 +272,19 @@ def test_output_preprocesses_and_trains(tmp_path):
     r = python("-m", "jaxpretrain.train", *as_flags(overrides))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "step 2 |" in r.stdout and "[val] step 2" in r.stdout
+
+
+def test_stdlib_corpus_rejects_sizes_that_would_write_empty_files(tmp_path):
+    from jaxpretrain.data import stdlib_corpus
+    from jaxpretrain.errors import UserError
+
+    for argv, expected in [
+        (["--max-docs", "0"], "--max-docs: must be at least 1, got 0"),
+        (["--max-docs", "-1"], "--max-docs: must be at least 1, got -1"),
+        (["--num-files", "0"], "--num-files: must be at least 1, got 0"),
+        (["--max-docs", "2", "--num-files", "4"], "--num-files 4: 2 document(s) (--max-docs 2) do not fill every file"),
+    ]:
+        with pytest.raises(UserError) as error:
+            stdlib_corpus.main(["--output", str(tmp_path / "out"), *argv])
+        assert str(error.value).startswith(expected), error.value
+    assert not (tmp_path / "out").exists()

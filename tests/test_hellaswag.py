@@ -348,3 +348,29 @@ def test_training_logs_hellaswag_at_the_scoring_of_its_checkpoint(random_gpt2, t
     assert logged[0]["hellaswag_label_loss"] == pytest.approx(label_loss, rel=1e-5)
 
 
+
+
+def test_cli_by_module_path_step_without_checkpoint_and_no_orbax_notices(random_gpt2, tmp_path):
+    import grain
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxpretrain.train.checkpoint import TrainCheckpointer
+
+    hf_dir, data, model = random_gpt2
+    # Where the scoring lives runs the same CLI as `python -m jaxpretrain.eval hellaswag`.
+    r = run_module("jaxpretrain.evaluation.hellaswag", "--model", hf_dir, "--data", data, "--limit", "2", timeout=300)
+    assert r.returncode == 0 and FINAL.match(r.stdout.strip().splitlines()[-1]), r.stdout + r.stderr[-2000:]
+    r = run_module("jaxpretrain.eval", "hellaswag", "--model", hf_dir, "--step", "2", "--data", data)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: --step: applies to --checkpoint-dir only, not to --model {hf_dir}"
+
+    ckpt = TrainCheckpointer(str(tmp_path / "ckpt"), async_save=False)
+    meta = {"step": 7, "config": {"model": {"vocab_multiple": 1}}, "model_config": model.config.to_dict(), "tokenizer": "gpt2"}
+    ckpt.save(7, params=nnx.state(model, nnx.Param), opt_state={"count": jnp.zeros((), jnp.int32)},
+              data_iterator=iter(grain.MapDataset.range(4).to_iter_dataset()), meta=meta)
+    ckpt.close()
+    r = run_module("jaxpretrain.eval", "hellaswag", "--checkpoint-dir", str(tmp_path / "ckpt"), "--data", data,
+                   "--limit", "2", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "WARNING:absl" not in r.stderr, r.stderr  # Orbax's read-only notices, silenced as in export

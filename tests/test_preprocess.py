@@ -183,7 +183,7 @@ def test_interrupted_run_leaves_no_pair(stdlib_jsonl, tmp_path, monkeypatch):
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         preprocess_files(stdlib_jsonl[0], output_prefix=str(out / "p"), workers=1, unit_bytes=100_000)
-    assert os.listdir(out) == []
+    assert not out.exists()  # the run created it, and it is empty: removed with the partial files
 
 
 @pytest.mark.parametrize(
@@ -192,6 +192,8 @@ def test_interrupted_run_leaves_no_pair(stdlib_jsonl, tmp_path, monkeypatch):
         ("no match", "error: --input {tmp}/nothing/*.jsonl: no file matches"),
         ("split sentences", "error: --split-sentences: not supported"),
         ("unwritable output", "error: {tmp}/a_file/sub: output directory is not writable"),
+        ("repeated key", "error: --json-keys: 'text' is given more than once"),
+        ("empty prefix", "error: --output-prefix '': must end in a file name prefix"),
     ],
 )
 def test_fatal_errors_are_one_line(stdlib_jsonl, tmp_path, case, expected):
@@ -203,6 +205,10 @@ def test_fatal_errors_are_one_line(stdlib_jsonl, tmp_path, case, expected):
         argv["--input"] = str(tmp_path / "nothing" / "*.jsonl")
     elif case == "split sentences":
         extra = ["--split-sentences"]
+    elif case == "repeated key":
+        extra = ["--json-keys", "text", "text"]
+    elif case == "empty prefix":
+        argv["--output-prefix"] = ""
     else:
         argv["--output-path"] = str(blocker / "sub")
     result = run_module("jaxpretrain.preprocess", *[x for kv in argv.items() for x in kv], *extra)
@@ -210,6 +216,7 @@ def test_fatal_errors_are_one_line(stdlib_jsonl, tmp_path, case, expected):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(expected.format(tmp=tmp_path)), result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()  # rejected before any output (or its directory) was made
 
 
 def test_output_names_follow_automodel(tmp_path):
@@ -219,3 +226,31 @@ def test_output_names_follow_automodel(tmp_path):
     )
     with pytest.raises(UserError, match="--workers"):
         preprocess_files("*.jsonl", output_prefix=str(tmp_path / "p"), workers=0)
+
+
+def test_bad_output_prefix_and_repeated_keys_are_rejected(tmp_path):
+    for prefix in ("", str(tmp_path / "dir") + os.sep, "."):
+        with pytest.raises(UserError, match="--output-prefix"):
+            preprocess_files("*.jsonl", output_prefix=prefix, output_path=str(tmp_path / "out"))
+    with pytest.raises(UserError, match=r"--json-keys: 'text' is given more than once"):
+        preprocess_files("*.jsonl", output_prefix="p", json_keys=["text", "title", "text"])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "dir").exists()
+
+
+def test_failed_run_removes_only_the_empty_output_directory_it_created(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "hello"}\n')
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    failures = [
+        dict(input=str(good), json_keys=["body"]),  # no row has the key
+        dict(input=str(good), tokenizer=str(tmp_path / "no_such_tokenizer")),
+        dict(input=str(tmp_path / "empty.jsonl")),
+    ]
+    for kwargs in failures:
+        with pytest.raises(UserError):
+            preprocess_files(**kwargs, output_prefix="p", output_path=str(tmp_path / "new" / "sub"))
+        assert not (tmp_path / "new").exists(), kwargs
+    (tmp_path / "existing").mkdir()  # there before the run: kept
+    with pytest.raises(UserError):
+        preprocess_files(str(good), json_keys=["body"], output_prefix=str(tmp_path / "existing" / "p"))
+    assert (tmp_path / "existing").is_dir()

@@ -121,6 +121,22 @@ def _remove_stale(directory: str, name_of, first: int, last: int) -> None:
             os.remove(stale)
 
 
+def _check_chunks_keep_lines(total_rows: int, nchunks: int, val_lines: int) -> None:
+    """Every chunk must keep a training line: known from the parquet footers, before any work.
+
+    lingua's `head`/`sed` would leave an empty chunk (all its lines gone to validation) without a word;
+    an empty chunk is no training data, and preprocess rejects it (or writes an empty pair) later on.
+    """
+    smallest = total_rows // nchunks  # round-robin dealing: chunks differ by one line at most
+    if smallest == 0:
+        raise UserError(f"--nchunks {nchunks}: the input has only {total_rows:,} rows, so a chunk would be empty")
+    if smallest <= val_lines:
+        raise UserError(
+            f"--val-lines-per-chunk {val_lines:,}: the input's {total_rows:,} rows give {smallest:,} lines to a "
+            f"chunk (--nchunks {nchunks}), so it would keep no training line; use at most {smallest - 1:,}"
+        )
+
+
 def prepare(
     data_dir: str, *, seed: int = 42, nchunks: int = 1, memory_gb: float = 8.0, source: str | None = None,
     val_lines_per_chunk: int = 10000, workers: int | None = None, shuffled_only: bool = False,
@@ -132,11 +148,13 @@ def prepare(
         raise UserError(f"--memory: must be a positive number of GB, got {memory_gb}")
     if val_lines_per_chunk < 0:
         raise UserError(f"--val-lines-per-chunk: must be 0 or more, got {val_lines_per_chunk}")
-    workers = workers or min(8, os.cpu_count() or 1)
+    if workers is None:  # not `workers or ...`: an explicit 0 is a mistake to report, not the default
+        workers = min(8, os.cpu_count() or 1)
     if workers < 1:
         raise UserError(f"--workers: must be at least 1, got {workers}")
     inputs = inspect_inputs(find_parquet_files(source if source is not None else download(data_dir)))
     total_rows = sum(i.rows for i in inputs)
+    _check_chunks_keep_lines(total_rows, nchunks, val_lines_per_chunk)
     buckets = num_buckets(sum(i.nbytes for i in inputs), memory_gb * 1e9)
     out_dir = os.path.join(data_dir, f"{DATASET}_shuffled")
     jsonl_dir = os.path.join(data_dir, DATASET)

@@ -55,23 +55,7 @@ def _documents(max_docs: int | None):
         yield "stdlib/" + os.path.relpath(path, root).replace(os.sep, "/"), path, text
 
 
-def write_stdlib_jsonl(out_dir: str, *, num_files: int = 4, max_docs: int | None = None) -> list[str]:
-    """Write the corpus as `num_files` JSONL chunks in `out_dir`; returns their paths in order.
-
-    Documents are split contiguously (sorted order kept) into chunks of about equal size in bytes.
-    Each chunk is written under a temporary name and renamed, so a chunk that exists is complete.
-    """
-    if num_files < 1:
-        raise UserError(f"num_files: must be at least 1, got {num_files}")
-    lines = [
-        json.dumps({"text": text, "id": doc_id, "url": path}, ensure_ascii=False) + "\n"
-        for doc_id, path, text in _documents(max_docs)
-    ]
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out_dir}: cannot create output directory ({e.strerror})") from None
-
+def _chunk_lines(lines: list[str], num_files: int) -> list[list[str]]:
     sizes = [len(line) for line in lines]
     total = sum(sizes) or 1
     chunks: list[list[str]] = [[] for _ in range(num_files)]
@@ -81,6 +65,34 @@ def write_stdlib_jsonl(out_dir: str, *, num_files: int = 4, max_docs: int | None
         index = min(num_files - 1, (written + size // 2) * num_files // total)
         chunks[index].append(line)
         written += size
+    return chunks
+
+
+def write_stdlib_jsonl(out_dir: str, *, num_files: int = 4, max_docs: int | None = None) -> list[str]:
+    """Write the corpus as `num_files` JSONL chunks in `out_dir`; returns their paths in order.
+
+    Documents are split contiguously (sorted order kept) into chunks of about equal size in bytes.
+    Each chunk is written under a temporary name and renamed, so a chunk that exists is complete.
+    """
+    if num_files < 1:
+        raise UserError(f"--num-files: must be at least 1, got {num_files}")
+    if max_docs is not None and max_docs < 1:
+        raise UserError(f"--max-docs: must be at least 1, got {max_docs}")
+    lines = [
+        json.dumps({"text": text, "id": doc_id, "url": path}, ensure_ascii=False) + "\n"
+        for doc_id, path, text in _documents(max_docs)
+    ]
+    chunks = _chunk_lines(lines, num_files)
+    # An empty chunk file would become an empty .bin/.idx pair downstream: a corpus too small to split.
+    if not all(chunks):
+        raise UserError(
+            f"--num-files {num_files}: {len(lines)} document(s) (--max-docs {max_docs}) do not fill every file; "
+            "give fewer files or more documents"
+        )
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out_dir}: cannot create output directory ({e.strerror})") from None
 
     paths = []
     for i, chunk in enumerate(chunks):
@@ -103,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", required=True, help="directory for stdlib_py.chunk.*.jsonl")
     parser.add_argument("--num-files", type=int, default=4, help="number of chunk files (default 4)")
-    parser.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
+    parser.add_argument("--max-docs", type=int, default=None, help="stop after this many documents (default: all)")
     args = parser.parse_args(argv)
     paths = write_stdlib_jsonl(args.output, num_files=args.num_files, max_docs=args.max_docs)
     total = sum(os.path.getsize(p) for p in paths)

@@ -312,3 +312,9 @@ def model_logits_fn(model, mesh=None) -> Callable:
 
     graphdef, *states = nnx.split(model)
     return functools.partial(make_forward(graphdef, mesh), tuple(states))
+
+
+if __name__ == "__main__":  # the CLI is jaxpretrain.eval's: the same as `python -m jaxpretrain.eval hellaswag`
+    from jaxpretrain import errors, eval as eval_cli
+
+    errors.run_cli(eval_cli.hellaswag_main)
