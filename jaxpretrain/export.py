@@ -13,6 +13,7 @@ import shutil
 import tempfile
 
 from jaxpretrain.atomic import usual_mode
+from jaxpretrain.hf_dir import check_replaceable
 from jaxpretrain.errors import UserError, run_cli
 
 
@@ -60,14 +61,15 @@ def _check_not_a_step_dir(path: str) -> None:
 
 
 def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None) -> str:
-    import jaxpretrain.model as M
-    from jaxpretrain.tokenizer import save_tokenizer
-
     out = os.path.abspath(output)
     root = os.path.abspath(checkpoint_dir)
     if os.path.commonpath([out, root]) == out:
         raise UserError(f"--output {output}: is the checkpoint directory or holds it; choose a directory outside it")
-    M.check_replaceable(out)  # before any checkpoint is read: the existing directory must be a model's
+    check_replaceable(out)  # before jax and any checkpoint: the existing directory must be a model's
+
+    import jaxpretrain.model as M
+    from jaxpretrain.tokenizer import save_tokenizer
+
     model, meta = load_checkpoint_model(checkpoint_dir, step)
     parent = os.path.dirname(out)
     try:
@@ -79,7 +81,7 @@ def export_checkpoint(checkpoint_dir: str, output: str, step: int | None = None)
         M.save_pretrained(model, tmp)
         save_tokenizer(meta.get("tokenizer") or "gpt2", tmp)
         usual_mode(tmp)
-        M.check_replaceable(out)  # again: something may have appeared there meanwhile
+        check_replaceable(out)  # again: something may have appeared there meanwhile
         if os.path.exists(out):
             shutil.rmtree(out)
         os.replace(tmp, out)

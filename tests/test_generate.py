@@ -160,22 +160,3 @@ def test_cli_help_describes_every_option():
     assert r.returncode == 0, r.stderr
     for text in ('text to continue (default: "def ")', "tokens to add to each sample", "sampling seed"):
         assert text in " ".join(r.stdout.split()), r.stdout
-
-
-def test_cli_from_checkpoint_prints_no_orbax_notices(tiny_hf_dir, tmp_path):
-    import grain
-    from flax import nnx
-
-    from jaxpretrain.train.checkpoint import TrainCheckpointer
-
-    model = M.from_pretrained(tiny_hf_dir)
-    ckpt = TrainCheckpointer(str(tmp_path / "ckpt"), async_save=False)
-    meta = {"step": 3, "config": {"model": {"vocab_multiple": 1}}, "model_config": model.config.to_dict(), "tokenizer": "gpt2"}
-    ckpt.save(3, params=nnx.state(model, nnx.Param), opt_state={"count": jnp.zeros((), jnp.int32)},
-              data_iterator=iter(grain.MapDataset.range(4).to_iter_dataset()), meta=meta)
-    ckpt.close()
-    r = run_module("jaxpretrain.generate", "--checkpoint-dir", str(tmp_path / "ckpt"), "--step", "3",
-                   "--max-new-tokens", "2")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.strip().splitlines()[-1].startswith("generated 1 x ")
-    assert "WARNING:absl" not in r.stderr, r.stderr  # Orbax's read-only notices, silenced as in export

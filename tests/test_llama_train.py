@@ -115,6 +115,7 @@ def test_generate_from_the_checkpoint(llama_run):
                "--temperature", "0")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("import os") and "tokens/s" in r.stdout.strip().splitlines()[-1]
+    assert "WARNING:absl" not in r.stderr, r.stderr  # Orbax's read-only notices, silenced as in export
 
 
 @pytest.mark.parametrize("preset,params", [("tiny", None), ("150m", None), ("1b", 1_235_814_400)])

@@ -17,7 +17,7 @@ from flax import nnx
 from jaxpretrain.model import gpt2
 from jaxpretrain.model.build import abstract_model, create_model, default_mesh, sharded_init, state_shardings
 from jaxpretrain.model.gpt2 import ACTIVATIONS, GPT2LMHeadModel
-from jaxpretrain.model.hf import check_replaceable, from_pretrained, hf_shape, save_pretrained
+from jaxpretrain.model.hf import from_pretrained, hf_shape, save_pretrained
 from jaxpretrain.model.registry import Family, config_from, families, family_of
 
 
@@ -56,7 +56,6 @@ __all__ = [
     "Family",
     "GPT2LMHeadModel",
     "abstract_model",
-    "check_replaceable",
     "config_from",
     "create_model",
     "default_mesh",

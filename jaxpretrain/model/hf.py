@@ -33,49 +33,11 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxpretrain.atomic import usual_mode
+from jaxpretrain.hf_dir import TOKENIZER_FILES, check_replaceable
 from jaxpretrain.errors import UserError
 from jaxpretrain.model.build import abstract_model, default_mesh, state_shardings
 from jaxpretrain.model.gpt2 import weights as _gpt2_weights
 from jaxpretrain.model.registry import config_from, family_of
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-)
-# What an HF model directory holds: the only entries an existing output directory may have for
-# save_pretrained / export to replace it (anything else is the user's, and is not deleted).
-MODEL_DIR_FILES = frozenset(TOKENIZER_FILES) | {
-    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-    "tokenizer.model", "chat_template.jinja", "chat_template.json", "README.md",
-}
-
-
-def check_replaceable(out_dir: str) -> None:
-    """UserError unless `out_dir` is absent, empty, or an HF model directory (config.json and
-    nothing but model and tokenizer files): writing replaces the whole directory."""
-    if not os.path.lexists(out_dir):
-        return
-    if not os.path.isdir(out_dir) or os.path.islink(out_dir):
-        raise UserError(f"{out_dir}: exists and is not a directory; choose another output")
-    entries = os.listdir(out_dir)
-    if not entries:
-        return
-    foreign = sorted(e for e in entries if e not in MODEL_DIR_FILES and not _is_shard_name(e))
-    if foreign or "config.json" not in entries:
-        shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
-        raise UserError(
-            f"{out_dir}: exists and is not a model directory ({shown or 'no config.json'}); it would be "
-            "replaced as a whole: choose another output or remove it"
-        )
-
-
-def _is_shard_name(name: str) -> bool:
-    return name.startswith("model-") and name.endswith(".safetensors")
-
 
 def name_pairs(n_layer: int) -> list[tuple[str, tuple, str]]:
     """GPT-2's (HF name without "transformer.", Flax path, layout) pairs (kept for GPT-2 callers;
