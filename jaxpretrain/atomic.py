@@ -29,6 +29,14 @@ def usual_mode(path: str) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
+def make_writable_dir(directory: str) -> None:
+    """Create `directory` if needed and prove it writable (a temp file made and removed there): what an
+    output directory needs before minutes of work go into it. Raises OSError otherwise."""
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+        pass
+
+
 def save_atomic(path: str, write: Callable) -> None:
     """`write(file)` into a temp file next to `path`, then rename it over `path`: readers see all of
     the file or none of it (no fsync: what is written this way can be rebuilt after a power loss)."""

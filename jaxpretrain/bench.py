@@ -231,12 +231,10 @@ def argparse_like(flags: dict):
 def _check_profile_dir(directory: str) -> None:
     # jax.profiler only writes the trace when it stops, after the whole benchmark: a directory it
     # cannot write must fail here, before minutes of compiling and stepping are thrown away.
-    import tempfile
+    from jaxpretrain.atomic import make_writable_dir
 
     try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
+        make_writable_dir(directory)
     except OSError as e:
         raise UserError(f"--profile {directory}: cannot write the trace there ({e.strerror or e})") from None
 

@@ -25,11 +25,11 @@ import argparse
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from jaxpretrain.atomic import make_writable_dir
 from jaxpretrain.data.indexed import IndexedDatasetBuilder, dtype_for_vocab
 from jaxpretrain.errors import UserError, run_cli
 from jaxpretrain.preprocess_units import (
@@ -94,9 +94,7 @@ def _check_output_dir(directory: str) -> list[str]:
         created.append(missing)
         missing = os.path.dirname(missing)
     try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
+        make_writable_dir(directory)
     except OSError as e:
         _remove_empty_dirs(created)
         raise UserError(f"{directory}: output directory is not writable ({e.strerror or e})") from None
