@@ -284,13 +284,11 @@ def setup(cfg, source: str | None = None) -> Run:
     """Mesh, batches, model config, LR schedule and the checkpoint's model shape first (a bad config
     fails in a second, before any data or compile work), then data, the sharded model and optimizer,
     and the newest checkpoint if any."""
+    precheck.check(cfg)  # what the train CLI checked before importing jax, for library callers
     mesh = make_mesh(cfg)
     plan = plan_batches(cfg, parallel.data_parallel_size(mesh))
-    precheck.check_dtype(cfg.model)
     hf_config = model_config(cfg)
-    build_optimizer(cfg, schedule_lib.from_config(cfg))  # schedule and optimizer mistakes: one line, now
     loss_chunk_size(cfg)
-    precheck.check_checkpoint_dir(cfg.checkpoint)
     if cfg.checkpoint.enabled:
         check_resumable(cfg, hf_config)
     check_tokenizers(cfg)
