@@ -216,13 +216,13 @@ def from_pretrained(
             raise UserError(f"{path}: {name} has shape {tuple(tensor.get_shape())}, config.json implies {want}")
         loaded[flax_path] = _load_array(tensor, layout, shape, shardings[flax_path].get_value(), param_dtype)
 
-    for copy, original in family.tied_copies:
+    for duplicate, original in family.tied_copies:
         original = original.removeprefix(opt) if strip else original
-        if copy in files.names() and copy not in known:
-            known.add(copy)
-            if original in files.names() and not _same_tensor(files.slice(copy), files.slice(original)):
+        if duplicate in files.names() and duplicate not in known:
+            known.add(duplicate)
+            if original in files.names() and not _same_tensor(files.slice(duplicate), files.slice(original)):
                 raise UserError(
-                    f"{path}: {copy} differs from {original} although config.json sets tie_word_embeddings "
+                    f"{path}: {duplicate} differs from {original} although config.json sets tie_word_embeddings "
                     "(a head of its own: set tie_word_embeddings to false where the family supports it)"
                 )
     extra = sorted(n for n in files.names() - known if not n.endswith(family.ignored_tensors))
