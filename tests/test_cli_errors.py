@@ -4,6 +4,7 @@ nothing written."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -99,6 +100,10 @@ def test_json_list_and_dict_on_the_command_line_train(token_glob, tmp_path):
         (["--config.checkpoint.checkpoint_dir=/etc/passwd/ckpt"], "/etc/passwd/ckpt cannot be created (/etc/passwd is a file)"),
         (["--config.validation_dataset.split=abc"], "validation_dataset.split: 'abc' must be one to three numbers"),
         (["--config.dataset.tokenizer=/nonexistent/tok"], "dataset.tokenizer: tokenizer '/nonexistent/tok': cannot load"),
+        pytest.param(
+            ["--config.wandb.project=demo"], "wandb.project: 'demo' is set but the wandb package is not installed",
+            marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here"),
+        ),
     ],
 )
 def test_config_mistakes(flags, expected, token_glob, tmp_path):

@@ -97,7 +97,7 @@ class MetricSinks:
             try:
                 import wandb
             except ImportError:
-                raise RuntimeError("wandb.project is set but the `wandb` package is not installed (pip install wandb)")
+                raise UserError("wandb.project: set but the wandb package is not installed (pip install wandb)") from None
             self._wandb = wandb.init(
                 project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
                 dir=wandb_cfg.save_dir, config=config_dict, resume="allow",

@@ -49,6 +49,14 @@ def check_checkpoint_dir(checkpoint) -> None:
         raise UserError(f"checkpoint.checkpoint_dir: {checkpoint.checkpoint_dir} is not writable ({target})")
 
 
+def check_wandb(wandb_cfg) -> None:
+    """W&B is optional: a set `wandb.project` without the package is found now, not after the compile."""
+    import importlib.util
+
+    if wandb_cfg.get("project") and importlib.util.find_spec("wandb") is None:
+        raise UserError(f"wandb.project: {wandb_cfg.project!r} is set but the wandb package is not installed (pip install wandb)")
+
+
 def check_splits(cfg) -> None:
     """Each section's `split` as Megatron parses it (numbers, one to three, some positive)."""
     from jaxpretrain.data.gpt_dataset import parse_split  # numpy only
@@ -70,3 +78,4 @@ def check(cfg) -> None:
     schedule_lib.from_config(cfg)  # warmup below decay, a known decay style, lr bounds
     check_checkpoint_dir(cfg.checkpoint)
     check_splits(cfg)
+    check_wandb(cfg.wandb)
