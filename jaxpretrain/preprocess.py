@@ -22,6 +22,7 @@ taken in sorted order and input i writes `{output_path}/{prefix}_{i}_{key}_docum
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import sys
@@ -99,6 +100,17 @@ def _check_output_dir(directory: str) -> list[str]:
         _remove_empty_dirs(created)
         raise UserError(f"{directory}: output directory is not writable ({e.strerror or e})") from None
     return created
+
+
+@contextlib.contextmanager
+def _output_dir(directory: str):
+    """`_check_output_dir`, undone (the directories it created, if still empty) when the body fails."""
+    created = _check_output_dir(directory)
+    try:
+        yield
+    except BaseException:
+        _remove_empty_dirs(created)
+        raise
 
 
 def _remove_empty_dirs(created: list[str]) -> None:
@@ -207,98 +219,83 @@ def preprocess_files(
 
     files = resolve_inputs(input)
     out_dir = output_path if output_path else os.path.dirname(output_prefix)
-    created_dirs = _check_output_dir(out_dir)
-    try:
-        return _preprocess(
-            files, keys, output_prefix=output_prefix, output_path=output_path, input_type=input_type,
-            text_column=text_column, append_eod=append_eod, workers=workers, tokenizer=tokenizer,
-            hf_tokenizer=hf_tokenizer, log_interval=log_interval, progress=progress, unit_bytes=unit_bytes,
-            start_time=start_time,
+    with _output_dir(out_dir):  # a failed run leaves no empty output directory of its own making
+        fast_gpt2, vocab_size, eos_id, encoder_label = _tokenizer_setup(tokenizer, hf_tokenizer)
+        if append_eod and eos_id is None:
+            raise UserError(f"--append-eod: tokenizer {tokenizer!r} has no eos token")
+        dtype = dtype_for_vocab(vocab_size)
+
+        units = plan_units(files, input_type, workers, unit_bytes)
+        config = WorkerConfig(keys, append_eod, eos_id, dtype.str, fast_gpt2, tokenizer, text_column)
+        prefixes = {
+            (i, key): output_prefix_for(output_prefix, output_path, i, key) for i in range(len(files)) for key in keys
+        }
+        summary = Summary(
+            inputs=files, outputs=[prefixes[i, key] for i in range(len(files)) for key in keys],
+            input_bytes=sum(os.path.getsize(p) for p in files), workers=workers, encoder=encoder_label,
+            dtype=str(dtype),
         )
-    except BaseException:
-        _remove_empty_dirs(created_dirs)  # a failed run leaves no empty output directory of its own making
-        raise
+        units_left = Counter(unit.file_index for unit in units)
+        builders: dict[tuple[int, str], IndexedDatasetBuilder] = {}
+        # Inputs that gave no document wait here: if no input gives one (a wrong --json-keys, say), the run
+        # fails without leaving empty output files; otherwise they are written as Megatron would.
+        empty: dict[int, int] = {}
+        docs_per_file = Counter()
+        keys_seen = Counter()
 
+        pool = None
+        context = _pool_context() if workers > 1 and len(units) > 1 else None
+        # Built once here: forked workers inherit it instead of each parsing the BPE files again.
+        fast_encoder = None
+        if fast_gpt2 and (context is None or context.get_start_method() == "fork"):
+            from jaxpretrain.tokenizer import GPT2FastEncoder
 
-def _preprocess(
-    files: list[str], keys: tuple[str, ...], *, output_prefix: str, output_path: str | None, input_type: str,
-    text_column: str | None, append_eod: bool, workers: int, tokenizer: str | None, hf_tokenizer: bool,
-    log_interval: int, progress: bool, unit_bytes: int | None, start_time: float,
-) -> Summary:
-    """The work of `preprocess_files` once its arguments are checked and the output directory exists."""
-    fast_gpt2, vocab_size, eos_id, encoder_label = _tokenizer_setup(tokenizer, hf_tokenizer)
-    if append_eod and eos_id is None:
-        raise UserError(f"--append-eod: tokenizer {tokenizer!r} has no eos token")
-    dtype = dtype_for_vocab(vocab_size)
+            fast_encoder = GPT2FastEncoder()
+        if context is not None:
+            pool = context.Pool(min(workers, len(units)), initializer=init_worker, initargs=(config, fast_encoder))
+            results = pool.imap(process_unit, units, chunksize=1)
+        else:
+            init_worker(config, fast_encoder)
+            results = map(process_unit, units)
 
-    units = plan_units(files, input_type, workers, unit_bytes)
-    config = WorkerConfig(keys, append_eod, eos_id, dtype.str, fast_gpt2, tokenizer, text_column)
-    prefixes = {(i, key): output_prefix_for(output_prefix, output_path, i, key) for i in range(len(files)) for key in keys}
-    summary = Summary(
-        inputs=files, outputs=[prefixes[i, key] for i in range(len(files)) for key in keys],
-        input_bytes=sum(os.path.getsize(p) for p in files), workers=workers, encoder=encoder_label, dtype=str(dtype),
-    )
-    units_left = Counter(unit.file_index for unit in units)
-    builders: dict[tuple[int, str], IndexedDatasetBuilder] = {}
-    # Inputs that gave no document wait here: if no input gives one (a wrong --json-keys, say), the run
-    # fails without leaving empty output files; otherwise they are written as Megatron would.
-    empty: dict[int, int] = {}
-    docs_per_file = Counter()
-    keys_seen = Counter()
-
-    pool = None
-    context = _pool_context() if workers > 1 and len(units) > 1 else None
-    # Built once here: forked workers inherit it instead of each parsing the BPE files again.
-    fast_encoder = None
-    if fast_gpt2 and (context is None or context.get_start_method() == "fork"):
-        from jaxpretrain.tokenizer import GPT2FastEncoder
-
-        fast_encoder = GPT2FastEncoder()
-    if context is not None:
-        pool = context.Pool(min(workers, len(units)), initializer=init_worker, initargs=(config, fast_encoder))
-        results = pool.imap(process_unit, units, chunksize=1)
-    else:
-        init_worker(config, fast_encoder)
-        results = map(process_unit, units)
-
-    bar = _Progress(sum(u.nbytes for u in units), log_interval, progress)
-    try:
-        for result in results:
-            i = result.file_index
-            for key in keys:
-                if (i, key) not in builders:
-                    builders[i, key] = IndexedDatasetBuilder(prefixes[i, key] + ".bin", dtype=dtype)
-                builders[i, key].add_documents(result.tokens[key], result.lengths[key])
-            summary.documents += result.documents
-            summary.tokens += int(sum(int(t.size) for t in result.tokens.values()))
-            summary.skipped.update(result.skipped)
-            keys_seen.update(result.keys_seen)
-            docs_per_file[i] += result.documents
-            bar.update(result.nbytes, result.documents, int(result.tokens[keys[0]].size))
-            units_left[i] -= 1
-            if units_left[i] == 0:
-                if docs_per_file[i] == 0 and summary.documents == 0:
-                    empty[i] = 1
-                    continue
-                for j in [*empty, i]:
-                    for key in keys:
-                        builders.pop((j, key)).finalize(prefixes[j, key] + ".idx")
-                empty.clear()
-        if summary.documents == 0:
-            raise UserError(_no_documents_message(keys, keys_seen, summary.skipped, files))
-        if pool is not None:
-            pool.close()
-            pool.join()
-    except BaseException:
-        if pool is not None:
-            pool.terminate()
-        for builder in builders.values():
-            builder.abort()
-        raise
-    finally:
-        bar.close()
-    summary.seconds = time.perf_counter() - start_time
-    return summary
+        bar = _Progress(sum(u.nbytes for u in units), log_interval, progress)
+        try:
+            for result in results:
+                i = result.file_index
+                for key in keys:
+                    if (i, key) not in builders:
+                        builders[i, key] = IndexedDatasetBuilder(prefixes[i, key] + ".bin", dtype=dtype)
+                    builders[i, key].add_documents(result.tokens[key], result.lengths[key])
+                summary.documents += result.documents
+                summary.tokens += int(sum(int(t.size) for t in result.tokens.values()))
+                summary.skipped.update(result.skipped)
+                keys_seen.update(result.keys_seen)
+                docs_per_file[i] += result.documents
+                bar.update(result.nbytes, result.documents, int(result.tokens[keys[0]].size))
+                units_left[i] -= 1
+                if units_left[i] == 0:
+                    if docs_per_file[i] == 0 and summary.documents == 0:
+                        empty[i] = 1
+                        continue
+                    for j in [*empty, i]:
+                        for key in keys:
+                            builders.pop((j, key)).finalize(prefixes[j, key] + ".idx")
+                    empty.clear()
+            if summary.documents == 0:
+                raise UserError(_no_documents_message(keys, keys_seen, summary.skipped, files))
+            if pool is not None:
+                pool.close()
+                pool.join()
+        except BaseException:
+            if pool is not None:
+                pool.terminate()
+            for builder in builders.values():
+                builder.abort()
+            raise
+        finally:
+            bar.close()
+        summary.seconds = time.perf_counter() - start_time
+        return summary
 
 
 def _no_documents_message(keys, keys_seen: Counter, skipped: Counter, files: list[str]) -> str:
