@@ -86,27 +86,21 @@ def _check_json_keys(keys: tuple[str, ...]) -> None:
         raise UserError(f"--json-keys: {repeated[0]!r} is given more than once; give each key once")
 
 
-def _check_output_dir(directory: str) -> list[str]:
-    """Create `directory` if needed and check it is writable; returns the directories this created."""
+@contextlib.contextmanager
+def _output_dir(directory: str):
+    """Create `directory` if needed and check it is writable; if that or the body fails, the
+    directories this created go again (each only if still empty)."""
     directory = directory or "."
-    created = []
+    created = []  # deepest first
     missing = os.path.abspath(directory)
     while not os.path.exists(missing):
         created.append(missing)
         missing = os.path.dirname(missing)
     try:
-        make_writable_dir(directory)
-    except OSError as e:
-        _remove_empty_dirs(created)
-        raise UserError(f"{directory}: output directory is not writable ({e.strerror or e})") from None
-    return created
-
-
-@contextlib.contextmanager
-def _output_dir(directory: str):
-    """`_check_output_dir`, undone (the directories it created, if still empty) when the body fails."""
-    created = _check_output_dir(directory)
-    try:
+        try:
+            make_writable_dir(directory)
+        except OSError as e:
+            raise UserError(f"{directory}: output directory is not writable ({e.strerror or e})") from None
         yield
     except BaseException:
         _remove_empty_dirs(created)
@@ -114,7 +108,7 @@ def _output_dir(directory: str):
 
 
 def _remove_empty_dirs(created: list[str]) -> None:
-    """Undo `_check_output_dir` after a failed run: a directory it created goes only if still empty."""
+    """Undo `_output_dir` after a failed run: a directory it created goes only if still empty."""
     for directory in created:  # deepest first
         try:
             os.rmdir(directory)
