@@ -141,7 +141,8 @@ fi
 ours nodrop-mb${MB[1]} "$T_RUN" "${NODROP[@]}" "$L=${MB[1]}" --profile "$TRACE_DIR" --profile-steps 2 --top 20
 torchb torch-nodrop-mb${MB[1]} $((T_RUN + 60)) "${NODROP[@]}" "$L=${MB[1]}"
 # the GPU-only tests after the headline figures (a device window may close early), before the A/Bs
-check gpu-tests 150 $PY -m pytest tests/test_attention_gpu.py tests/test_loss.py -q -x -p no:cacheprovider -rs
+# -o addopts=: one process (the GPU image has no pytest-xdist, and one GPU wants one test process)
+check gpu-tests 150 $PY -m pytest tests/test_attention_gpu.py tests/test_loss.py -o addopts= -q -x -p no:cacheprovider -rs
 ours scan-mb${MB[1]} "$T_RUN" "${NODROP[@]}" "$L=${MB[1]}" --config.model.scan_layers=true
 JAXPRETRAIN_XLA_DEFAULTS=0 ours xla-defaults-mb${MB[1]} "$T_RUN" "${NODROP[@]}" "$L=${MB[1]}"
 ours remat-mb${MB[2]} "$T_RUN" "${NODROP[@]}" "$L=${MB[2]}" --config.model.remat=true --config.model.remat_policy=dots_with_no_batch_dims_saveable

@@ -16,6 +16,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Never reach for the Hugging Face hub from tests (there is no network, and a hang would cost minutes).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# On a GPU machine the suite's 2 workers and the processes they start share the card: each takes
+# what it needs instead of JAX's default 75% of the memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 # One JAX compilation cache for the session, inherited by every process a test starts: dozens of
 # train CLI runs compile the same tiny programs, and a cache hit returns the same executable, so
 # results are unchanged (bit-identical resume tests included). Removed when the session ends. Every
@@ -50,8 +54,9 @@ def xdist_unit(item) -> str:
 def pytest_collection_modifyitems(config, items):
     rank = {unit: i for i, unit in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(xdist_unit(item), len(rank)))  # stable: modules stay in order
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(xdist_unit(item)))
+    if config.pluginmanager.hasplugin("xdist"):  # the mark is xdist's: unknown (a warning) without it
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group(xdist_unit(item)))
 
 
 def run_module(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
