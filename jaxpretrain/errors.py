@@ -7,10 +7,12 @@ Bugs (any other exception) still show their traceback: those are ours to fix, no
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
-from typing import Callable
+import threading
+from typing import Callable, NoReturn
 
 
 class UserError(Exception):
@@ -53,8 +55,33 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         # asyncio tasks on a full disk) would otherwise add asyncio's "exception was never
         # retrieved" traceback when its future is collected at exit.
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-        sys.exit(2)
+        exit_now(2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
-    sys.exit(code or 0)
+        exit_now(130)
+    exit_now(code or 0)
+
+
+def exit_now(code: int) -> NoReturn:
+    """`sys.exit(code)`, minus the interpreter's teardown of JAX when nothing is left to finish.
+
+    A normal exit joins the non-daemon threads, runs the atexit handlers (logging's flush,
+    jax.distributed's shutdown, multiprocessing's joins, Orbax's and tensorboardX's own), then
+    dismantles every module and native object: 0.8-0.9 s for a process that used JAX (XLA's client
+    and its thread pools; measured on a tiny train run on 2 cores), in every process of every run.
+    Once the handlers have run and the standard streams are flushed that dismantling writes nothing,
+    so `os._exit` ends the process there with the same status. Every file our CLIs write is closed
+    before they return. The normal exit is kept where JAX was never imported (nothing to gain),
+    while another non-daemon thread still runs (Python would wait for it), in an interactive
+    session, and with JAXPRETRAIN_FULL_EXIT=1 (for tools that act at teardown).
+    """
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    full = os.environ.get("JAXPRETRAIN_FULL_EXIT", "") not in ("", "0") or sys.flags.interactive or hasattr(sys, "ps1")
+    if "jax" not in sys.modules or others or full:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    atexit._run_exitfuncs()  # what a normal exit runs (and would run after this point), in its order
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
