@@ -79,9 +79,15 @@ def exit_now(code: int) -> NoReturn:
     full = os.environ.get("JAXPRETRAIN_FULL_EXIT", "") not in ("", "0") or sys.flags.interactive or hasattr(sys, "ps1")
     if "jax" not in sys.modules or others or full:
         sys.exit(code)
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+    _flush_std_streams()
     atexit._run_exitfuncs()  # what a normal exit runs (and would run after this point), in its order
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+    _flush_std_streams()
     os._exit(code)
+
+
+def _flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader gone (`| head`) or a stream closed: nothing left to say
+            pass
