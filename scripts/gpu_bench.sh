@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure of issue 11 in one run of about 8 minutes, on a machine with no network:
 #   0. installs the wheels in .whl/ (scripts/gpu_wheels.sh, run where there is network) when a package
-#      jaxpretrain imports is missing, then prints the card, driver and library versions;
+#      jaxpretrain imports is missing, prints the card, driver and library versions, and smoke-tests
+#      one tiny step (falling back from our XLA defaults and to pinned flax/optax/orbax if it fails);
 #   1. python -m jaxpretrain.bench on GPT-2 124M, seq 1024, global batch 512: the seed's recipe
 #      (dropout 0.1, cuDNN flash attention with dropout, micro-batch 32), without dropout at micro-batch
 #      64 (with a jax.profiler trace summarised as the top XLA ops), the torch baseline on that shape
@@ -98,7 +99,8 @@ missing=$($PY - <<'EOF'
 import importlib.util
 need = {"grain": "grain", "array_record": "array-record", "portpicker": "portpicker", "ml_collections": "ml-collections",
         "tensorboardX": "tensorboardX", "jax": "jax", "flax": "flax", "optax": "optax", "orbax.checkpoint": "orbax-checkpoint",
-        "transformers": "transformers", "safetensors": "safetensors", "torch": "torch", "yaml": "pyyaml"}
+        "transformers": "transformers", "safetensors": "safetensors", "torch": "torch", "yaml": "pyyaml",
+        "pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig", "pygments": "pygments"}
 def found(m):
     try:
         return importlib.util.find_spec(m) is not None
@@ -130,6 +132,46 @@ for name in ("jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax"
 from jaxpretrain import xla_env
 print("jaxpretrain GPU XLA defaults:", " ".join(f"{f}={v}" for f, v, _ in xla_env.GPU_DEFAULTS), "| applied:", xla_env.gpu_expected())
 EOF
+
+# ------------------------------------------------------------------------- 0b. smoke: one tiny step
+# One step of a tiny bf16 model on the device before any figure (about half a minute): it catches an
+# XLA flag this jaxlib does not know (XLA aborts on unknown flags, which would fail every run) and an
+# NNX change in the image's flax, and falls back instead of losing the whole window: first without our
+# XLA defaults, then with the flax/optax/orbax-checkpoint that the suite passed with (.whl/pinned/).
+SMOKE=(--config configs/gpt2.py --config.model.n_layer=2 --config.model.n_embd=64 --config.model.n_head=4
+       --config.model.n_positions=128 --config.model.vocab_size=1024 --config.model.vocab_multiple=64
+       --config.model.dropout=0.0 --config.dataset.seq_length=128 --config.step_scheduler.global_batch_size=8
+       --config.step_scheduler.local_batch_size=8 --steps 1 --warmup 1)
+[ "${GPU_BENCH_TINY:-0}" = 1 ] && SMOKE+=(--config.model.dtype=float32)
+smoke() {
+  echo "== smoke ($(elapsed)s in)${1:+: $1}"
+  timeout --kill-after=10 150 $PY -m jaxpretrain.bench "${SMOKE[@]}" 2>&1 | tail -n 25
+  return "${PIPESTATUS[0]}"
+}
+SMOKE_NOTE="smoke: passed"
+if ! smoke; then
+  if JAXPRETRAIN_XLA_DEFAULTS=0 smoke "without jaxpretrain's XLA defaults"; then
+    export JAXPRETRAIN_XLA_DEFAULTS=0
+    SMOKE_NOTE="smoke: passed only without jaxpretrain's XLA defaults (every run below has them off)"
+  elif ls .whl/pinned/*.whl >/dev/null 2>&1 \
+      && $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-pinned .whl/pinned/*.whl; then
+    IMAGE_PYTHONPATH=${PYTHONPATH:-}
+    export PYTHONPATH=/tmp/site-pinned${PYTHONPATH:+:$PYTHONPATH}
+    if smoke "with the pinned $(ls .whl/pinned | tr '\n' ' ')"; then
+      SMOKE_NOTE="smoke: passed only with the pinned flax/optax/orbax-checkpoint of .whl/pinned (used below)"
+    elif JAXPRETRAIN_XLA_DEFAULTS=0 smoke "pinned, without jaxpretrain's XLA defaults"; then
+      export JAXPRETRAIN_XLA_DEFAULTS=0
+      SMOKE_NOTE="smoke: passed only with the pinned packages and without jaxpretrain's XLA defaults (used below)"
+    else
+      export PYTHONPATH=$IMAGE_PYTHONPATH  # the pinned packages did not help: the image's own again
+      SMOKE_NOTE="smoke: FAILED every way (see the log); the runs go ahead with the image's packages"
+    fi
+  else
+    SMOKE_NOTE="smoke: FAILED (no .whl/pinned to fall back to; see the log); the runs go ahead"
+  fi
+fi
+echo "== $SMOKE_NOTE"
+CHECKS+=("$SMOKE_NOTE")
 
 # ------------------------------------------------------------------------------ 1-2. benchmarks and GPU tests
 L=--config.step_scheduler.local_batch_size
