@@ -77,6 +77,10 @@ def main() -> None:
     if [c for c in args.checks if c]:
         print()
         print("Checks: " + "; ".join(c for c in args.checks if c))
+    for r in ok:
+        if r.get("profile_error"):
+            print()
+            print(f"Profile of {r.get('run')}: not taken ({r['profile_error']}); its timings stand.")
     traced = [r for r in ok if r.get("profile_top_ops")]
     for r in traced:
         print()
