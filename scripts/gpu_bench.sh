@@ -182,6 +182,9 @@ if tail -n 1 "$RESULTS" | grep -q '"failed"'; then  # cuDNN's dropout attention 
 fi
 ours nodrop-mb${MB[1]} "$T_RUN" "${NODROP[@]}" "$L=${MB[1]}" --profile "$TRACE_DIR" --profile-steps 2 --top 20
 torchb torch-nodrop-mb${MB[1]} $((T_RUN + 60)) "${NODROP[@]}" "$L=${MB[1]}"
+if tail -n 1 "$RESULTS" | grep -q '"failed"'; then  # torch.compile did not make it: eager torch, labelled so
+  torchb torch-eager-nodrop-mb${MB[1]} "$T_RUN" "${NODROP[@]}" "$L=${MB[1]}" --compile=false
+fi
 # the GPU-only tests after the headline figures (a device window may close early), before the A/Bs
 # -o addopts=: one process (the GPU image has no pytest-xdist, and one GPU wants one test process)
 check gpu-tests 150 $PY -m pytest tests/test_attention_gpu.py tests/test_loss.py -o addopts= -q -x -p no:cacheprovider -rs
