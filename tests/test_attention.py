@@ -76,3 +76,32 @@ def test_explicit_cudnn_on_cpu_is_a_clear_error():
     q, k, v = probe_inputs(1, 4, 1, 4)
     with pytest.raises(UserError, match="model.attention_impl"):
         layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), scale=1.0, impl="cudnn", dtype=jnp.bfloat16)
+
+
+def test_this_jax_has_the_cudnn_dropout_kernel_we_call():
+    """The kernel is jax's private API: its module, function, MaskType.CAUSAL and the keywords we pass
+    must exist in the installed jax (else training on a GPU falls back to the slow path, warning)."""
+    import inspect
+
+    fn = layers.cudnn_dropout_kernel()
+    assert fn is not None
+    assert {"scale", "mask_type", "seed", "dropout_rate", "qkv_layout"} <= set(inspect.signature(fn).parameters)
+
+
+def test_without_the_cudnn_dropout_kernel_attention_falls_back_and_says_so(monkeypatch, capsys):
+    """Where the cuDNN kernel would be chosen (a GPU, bfloat16) but this jax lacks the private dropout
+    function, attention dropout runs on the spelled-out scores, with one warning line."""
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(layers, "cudnn_dropout_kernel", lambda: None)
+    monkeypatch.setattr(layers, "_warned", set())
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in probe_inputs(B, T, H, D))
+    key = jax.random.key(0)
+    run = lambda: layers.attention(q, k, v, scale=D**-0.5, impl=None, dtype=jnp.bfloat16, dropout_rate=RATE, dropout_key=key)  # noqa: E731
+    out, again = run(), run()
+    want = layers.attention_with_dropout(q, k, v, scale=D**-0.5, rate=RATE, key=key)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+    np.testing.assert_array_equal(np.asarray(again, np.float32), np.asarray(want, np.float32))
+    err = capsys.readouterr().err
+    assert err.count("warning: cuDNN's attention with dropout is not available in jax") == 1, err
+    # and a layer scan is then allowed (the cuDNN kernel's call-order constraint does not apply)
+    layers.check_scan_dropout(RATE, None, jnp.bfloat16, D)

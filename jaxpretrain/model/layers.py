@@ -7,6 +7,10 @@ its own layout and calls `attention(...)`.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import sys
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -75,10 +79,42 @@ def attention(
     """
     kernel = resolve_attention_impl(impl, dtype, q.shape[-1])
     if dropout_key is not None and dropout_rate > 0:
-        if kernel == "cudnn":
+        if kernel == "cudnn" and cudnn_dropout_kernel() is not None:
             return cudnn_attention_with_dropout(q, k, v, scale=scale, rate=dropout_rate, seed=dropout_seed)
+        if kernel == "cudnn":
+            _warn_once(f"cuDNN's attention with dropout is not available in jax {jax.__version__} (its private "
+                       "API changed); attention dropout runs on the spelled-out scores instead (slower)")
         return attention_with_dropout(q, k, v, scale=scale, rate=dropout_rate, key=dropout_key)
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=kernel)
+
+
+_CUDNN_KWARGS = ("scale", "mask_type", "seed", "dropout_rate", "qkv_layout")
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+@functools.cache
+def cudnn_dropout_kernel():
+    """jax's cuDNN fused attention that takes a dropout rate, or None where this jax has no such
+    function with the keywords used here (it is private API: `jax.nn.dot_product_attention` has no
+    dropout, so a new jax may move or change it, and attention then falls back, with a warning)."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    except ImportError:
+        return None
+    fn = getattr(cudnn, "dot_product_attention", None)
+    if fn is None or not hasattr(cudnn, "MaskType") or not hasattr(cudnn.MaskType, "CAUSAL"):
+        return None
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    return fn if all(name in params for name in _CUDNN_KWARGS) else None
 
 
 def cudnn_attention_with_dropout(q, k, v, *, scale: float, rate: float, seed: int) -> jax.Array:
@@ -94,9 +130,8 @@ def cudnn_attention_with_dropout(q, k, v, *, scale: float, rate: float, seed: in
     uninterrupted one; and every data-parallel device draws the same masks for its rows.
     """
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
-    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_dot_product_attention
 
-    return cudnn_dot_product_attention(
+    return cudnn_dropout_kernel()(
         q, k, v, scale=scale, mask_type=MaskType.CAUSAL, seed=int(seed) % 2**31, dropout_rate=float(rate),
         qkv_layout="BTNH",
     )
@@ -137,7 +172,8 @@ def check_remat(remat: bool | str) -> None:
 def check_scan_dropout(attention_dropout: float, attention_impl, dtype, head_dim: int) -> None:
     """A layer scan cannot carry cuDNN's attention dropout: its masks follow the order of calls,
     which the scan's backward pass reverses."""
-    if float(attention_dropout or 0.0) > 0 and resolve_attention_impl(attention_impl, dtype, head_dim) == "cudnn":
+    if (float(attention_dropout or 0.0) > 0 and resolve_attention_impl(attention_impl, dtype, head_dim) == "cudnn"
+            and cudnn_dropout_kernel() is not None):  # without it, dropout runs on the spelled-out scores
         raise UserError(
             "model.scan_layers: cuDNN's attention dropout ties its masks to the order of calls, which a layer "
             "scan reverses in the backward pass; set model.dropout=0.0, scan_layers=False or attention_impl='xla'"
