@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -62,6 +63,8 @@ def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak: float
 def format_report(r: dict) -> list[str]:
     """Human lines for a result dict (see `bench`), ending with the `<X> tokens/s` line."""
     opts = " ".join(f"{k} {v}" for k, v in r["options"].items())
+    if r.get("attention_kernels"):  # scripts/bench_torch.py reports none
+        opts += " (kernels " + "+".join(r["attention_kernels"]) + ")"
     mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (peak unknown)"
     return [
         f"bench {r['bench']} | {r['devices']}x {r['device_kind']} | params {r['params']:,} | batch "
@@ -103,6 +106,17 @@ def _options(cfg) -> dict:
     return out
 
 
+def _attention_kernels(compiled) -> list[str] | None:
+    """The cuDNN attention kernels (forward) that the optimized step calls, by custom-call name;
+    ["xla"] when it calls none (XLA's own attention), None when the backend gives no HLO text. So a
+    quiet fallback (a jax without cuDNN's dropout kernel, say) shows in the report."""
+    try:
+        hlo = compiled.as_text()
+    except Exception:  # noqa: BLE001 - a report detail: never fail the benchmark over it
+        return None
+    return sorted({k for k in re.findall(r"__cudnn\$(fmha\w*)", hlo or "") if "Backward" not in k}) or ["xla"]
+
+
 def bench(cfg, args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -130,6 +144,7 @@ def bench(cfg, args) -> dict:
     lower_s = time.perf_counter() - start
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
+    attention_kernels = _attention_kernels(compiled)
     temp_gib = None
     try:
         temp_gib = compiled.memory_analysis().temp_size_in_bytes / 2**30
@@ -164,6 +179,7 @@ def bench(cfg, args) -> dict:
         "grad_accum": plan.grad_accum,
         "seq": seq,
         "options": _options(cfg),
+        "attention_kernels": attention_kernels,
         "lower_s": lower_s,
         "compile_s": compile_s,
         "steps": args.steps,

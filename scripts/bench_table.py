@@ -20,6 +20,8 @@ def describe(r: dict) -> str:
     o = r.get("options", {})
     parts = [f"micro {r['micro_batch']} x {r['seq']}, accum {r['grad_accum']}"]
     parts += [f"{k} {v}" for k, v in o.items() if k not in ("torch",)]
+    if r.get("attention_kernels"):  # ours: the kernels found in the compiled step
+        parts.append("kernels " + "+".join(r["attention_kernels"]))
     return ", ".join(parts)
 
 

@@ -35,6 +35,7 @@ def test_bench_reports_and_profiles(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     result = _check(r.stdout, "jaxpretrain")
     assert result["compile_s"] > 0 and len(result["profile_top_ops"]) == 5
+    assert result["attention_kernels"] == ["xla"]  # no cuDNN custom call on a CPU
     assert "| op | kind | ms/step | share | calls/step |" in r.stdout
 
 
