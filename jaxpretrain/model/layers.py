@@ -129,9 +129,12 @@ def cudnn_attention_with_dropout(q, k, v, *, scale: float, rate: float, seed: in
     are not keyed by the step, so a resumed run draws different attention masks than an
     uninterrupted one; and every data-parallel device draws the same masks for its rows.
     """
+    kernel = cudnn_dropout_kernel()
+    if kernel is None:
+        raise RuntimeError(f"jax {jax.__version__} has no cuDNN attention with dropout that takes {_CUDNN_KWARGS}")
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
 
-    return cudnn_dropout_kernel()(
+    return kernel(
         q, k, v, scale=scale, mask_type=MaskType.CAUSAL, seed=int(seed) % 2**31, dropout_rate=float(rate),
         qkv_layout="BTNH",
     )
