@@ -93,7 +93,7 @@ def test_without_the_cudnn_dropout_kernel_attention_falls_back_and_says_so(monke
     function, attention dropout runs on the spelled-out scores, with one warning line."""
     monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(layers, "cudnn_dropout_kernel", lambda: None)
-    monkeypatch.setattr(layers, "_warned", set())
+    layers._warn_no_cudnn_dropout.cache_clear()
     q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in probe_inputs(B, T, H, D))
     key = jax.random.key(0)
     run = lambda: layers.attention(q, k, v, scale=D**-0.5, impl=None, dtype=jnp.bfloat16, dropout_rate=RATE, dropout_key=key)  # noqa: E731

@@ -79,23 +79,21 @@ def attention(
     """
     kernel = resolve_attention_impl(impl, dtype, q.shape[-1])
     if dropout_key is not None and dropout_rate > 0:
-        if kernel == "cudnn" and cudnn_dropout_kernel() is not None:
-            return cudnn_attention_with_dropout(q, k, v, scale=scale, rate=dropout_rate, seed=dropout_seed)
         if kernel == "cudnn":
-            _warn_once(f"cuDNN's attention with dropout is not available in jax {jax.__version__} (its private "
-                       "API changed); attention dropout runs on the spelled-out scores instead (slower)")
+            if cudnn_dropout_kernel() is not None:
+                return cudnn_attention_with_dropout(q, k, v, scale=scale, rate=dropout_rate, seed=dropout_seed)
+            _warn_no_cudnn_dropout()
         return attention_with_dropout(q, k, v, scale=scale, rate=dropout_rate, key=dropout_key)
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=kernel)
 
 
 _CUDNN_KWARGS = ("scale", "mask_type", "seed", "dropout_rate", "qkv_layout")
-_warned: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+@functools.cache  # once per process, not once per traced layer
+def _warn_no_cudnn_dropout() -> None:
+    print(f"warning: cuDNN's attention with dropout is not available in jax {jax.__version__} (its private API "
+          "changed); attention dropout runs on the spelled-out scores instead (slower)", file=sys.stderr, flush=True)
 
 
 @functools.cache
