@@ -144,6 +144,11 @@ def bench(cfg, args) -> dict:
     lower_s = time.perf_counter() - start
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
+    numbers = t.train_step.lr_numbers
+
+    def run_step(state, step: int):  # the compiled step also takes the LR schedule's numbers (train/step.py)
+        return compiled(state, batch, jnp.int32(step), numbers)
+
     attention_kernels = _attention_kernels(compiled)
     temp_gib = None
     try:
@@ -154,12 +159,12 @@ def bench(cfg, args) -> dict:
     # -- Warm-up, then the timed steps (the host never waits inside them).
     step = 0
     for _ in range(max(args.warmup, 0)):
-        state, m = compiled(state, batch, jnp.int32(step))
+        state, m = run_step(state, step)
         step += 1
     jax.block_until_ready(state)
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
-        state, m = compiled(state, batch, jnp.int32(step))
+        state, m = run_step(state, step)
         step += 1
     m = jax.device_get(m)
     jax.block_until_ready(state)
@@ -198,7 +203,7 @@ def bench(cfg, args) -> dict:
 
     if args.profile:
         try:
-            _profile(compiled, state, batch, step, args, result)
+            _profile(run_step, state, step, args, result)
         except Exception as e:  # noqa: BLE001 - a profiler that fails loses its table, never the timings above
             # (the tracer is the part most tied to the machine: CUPTI, a trace layout a new jax changed)
             result["profile_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
@@ -206,17 +211,16 @@ def bench(cfg, args) -> dict:
     return result
 
 
-def _profile(compiled, state, batch, step: int, args, result: dict) -> None:
+def _profile(run_step, state, step: int, args, result: dict) -> None:
     """Trace `args.profile_steps` more steps into `args.profile`; their top ops go into `result`."""
     import jax
-    import jax.numpy as jnp
 
     from jaxpretrain import profiling
 
     jax.block_until_ready(state)
     with jax.profiler.trace(args.profile):
         for _ in range(args.profile_steps):
-            state, _ = compiled(state, batch, jnp.int32(step))
+            state, _ = run_step(state, step)
             step += 1
         jax.block_until_ready(state)
     ops, total_ms = profiling.top_ops(args.profile, top=args.top)

@@ -58,3 +58,66 @@ def test_bad_schedule_is_rejected():
     with pytest.raises(ValueError, match="lr_warmup_steps"):
         LRSchedule(0.0, 1e-3, 0.0, 100, 100, "cosine")
     assert math.isfinite(float(LRSchedule(0.0, 1e-3, 0.0, 0, 10, "cosine")(3)))
+
+
+@pytest.mark.parametrize("style", ["cosine", "linear", "constant", "inverse-square-root"])
+def test_schedule_on_traced_numbers_is_the_float32_schedule(style):
+    """The train step takes the schedule's numbers as an argument: its float32 learning rates are
+    those of the schedule compiled with its numbers folded in as constants, to 2 ulps (XLA turns a
+    division by a constant into a multiplication), and as close to Megatron's float64 ones."""
+    import jax
+
+    s = LRSchedule(6e-5, 6e-4, 6e-6, 70, 1850, style)
+    steps = np.arange(1900)
+    traced = np.asarray(jax.jit(lambda k, numbers: s(k, numbers))(steps, s.numbers()), np.float64)
+    folded = np.asarray(jax.jit(s)(steps), np.float64)
+    exact = np.array([s.value(k) for k in steps])
+    ulp = np.spacing(np.float32(exact)).astype(np.float64)
+    assert (np.abs(traced - folded) <= 2 * ulp).all()
+    assert np.abs(traced - exact).max() <= np.abs(folded - exact).max() + 2 * ulp.max()
+    np.testing.assert_allclose(traced, exact, rtol=2e-5, atol=1e-9)
+
+
+def _training(lr: float, max_steps: int, warmup: int):
+    import os
+    import sys
+
+    from jaxpretrain import parallel
+    from jaxpretrain.train import setup
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+    import gpt2 as presets
+
+    cfg = presets.get_config("tiny")
+    with cfg.unlocked():
+        cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, cfg.model.n_positions = 1, 32, 2, 32
+        cfg.model.vocab_size = 512
+        cfg.dataset.seq_length = 16
+        cfg.step_scheduler.global_batch_size, cfg.step_scheduler.local_batch_size = 4, 4
+        cfg.step_scheduler.max_steps = max_steps
+        cfg.optimizer.lr, cfg.lr_scheduler.init_lr, cfg.lr_scheduler.lr_warmup_steps = lr, lr / 10, warmup
+        cfg.distributed.dp_size = 1
+    mesh = setup.make_mesh(cfg)
+    t = setup.build_training(cfg, mesh, setup.plan_batches(cfg, parallel.data_parallel_size(mesh)))
+    ids = np.random.default_rng(0).integers(0, 512, (4, 17)).astype(np.int32)
+    return t, parallel.make_global_batch({"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, mesh)
+
+
+def test_one_compiled_train_step_serves_every_schedule():
+    """Two runs that differ only in lr, warmup and max_steps lower to the same program (one entry of
+    the persistent compilation cache), and each still applies its own learning rate: AdamW's first
+    update is lr x (m / (sqrt(v) + eps) + wd x p), so twice the init_lr moves every weight twice as far."""
+    import jax
+    import jax.numpy as jnp
+
+    (a, batch), (b, _) = _training(1e-3, 100, 10), _training(2e-3, 37, 3)
+    step0 = jnp.int32(0)
+    assert a.train_step.lower(a.state, batch, step0).as_text() == b.train_step.lower(b.state, batch, step0).as_text()
+    before = [np.array(x) for x in jax.tree.leaves(a.state["params"])]
+    moved = {}
+    for name, t in (("a", a), ("b", b)):
+        after, _ = t.train_step(t.state, batch, step0)
+        moved[name] = [np.array(x) - p for x, p in zip(jax.tree.leaves(after["params"]), before)]
+    for p, da, db in zip(before, moved["a"], moved["b"]):  # to the rounding of p + delta
+        assert (np.abs(db - 2 * da) <= 1e-3 * np.abs(2 * da) + 4 * np.spacing(np.abs(p))).all()
+        assert np.abs(da).min() > 0

@@ -6,10 +6,9 @@ Gradient clipping is not part of this chain: the train step computes the global 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from jaxpretrain.errors import ConfigError
-from jaxpretrain.train.schedule import LRSchedule
 
 if TYPE_CHECKING:
     import optax
@@ -36,8 +35,9 @@ def check_optimizer(cfg) -> None:
         raise ConfigError(f"optimizer.lr: must be positive, got {opt.lr!r}")
 
 
-def build_optimizer(cfg, schedule: LRSchedule) -> optax.GradientTransformation:
-    """AdamW from the `optimizer` config section.
+def build_optimizer(cfg, schedule: Callable) -> optax.GradientTransformation:
+    """AdamW from the `optimizer` config section, its learning rate `schedule(updates_done)` (an
+    LRSchedule, or the train step's schedule on traced numbers).
 
     optax.adamw equals torch's decoupled AdamW: both take lr x (m_hat / (sqrt(v_hat) + eps) + wd x p),
     with eps added after the square root of the bias-corrected second moment. Weight decay applies to

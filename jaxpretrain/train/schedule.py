@@ -40,26 +40,43 @@ class LRSchedule:
                 "lr_scheduler.lr_decay_steps, or step_scheduler.max_steps when unset)"
             )
 
-    def __call__(self, step):
-        """Learning rate after `step` scheduler steps; works on Python ints and traced jax scalars."""
+    def numbers(self) -> dict:
+        """The schedule's numbers as float32 scalars, which the train step takes as an argument rather
+        than as constants: one compiled step serves every learning rate, warmup and decay length (a
+        sweep, or a rerun with more max_steps, recompiles nothing). The derived terms are computed
+        here in float64, as Python constants folded into the program would be, so the step's float32
+        arithmetic is the same either way."""
+        import numpy as np
+
+        warm = max(self.warmup_steps, 1)
+        values = {
+            "init_lr": self.init_lr, "max_lr": self.max_lr, "min_lr": self.min_lr,
+            "warmup_span": self.max_lr - self.init_lr, "warm": warm, "warmup_steps": self.warmup_steps,
+            "decay_steps": self.decay_steps, "decay_span": self.decay_steps - self.warmup_steps,
+            "decay_delta": self.max_lr - self.min_lr, "inv_sqrt_scale": self.max_lr * math.sqrt(warm),
+        }
+        return {k: np.float32(v) for k, v in values.items()}
+
+    def __call__(self, step, numbers: dict | None = None):
+        """Learning rate after `step` scheduler steps; works on Python ints and traced jax scalars.
+        `numbers`: `self.numbers()`, possibly traced (the train step's argument); None: this schedule's."""
         import jax.numpy as jnp  # here: the train CLI checks a schedule before it imports jax
 
+        n = self.numbers() if numbers is None else numbers
         step = jnp.asarray(step, jnp.float32)
-        warm = max(self.warmup_steps, 1)
-        warmup_lr = self.init_lr + (self.max_lr - self.init_lr) * step / warm
-        ratio = jnp.clip((step - self.warmup_steps) / (self.decay_steps - self.warmup_steps), 0.0, 1.0)
-        delta = self.max_lr - self.min_lr
+        warmup_lr = n["init_lr"] + n["warmup_span"] * step / n["warm"]
+        ratio = jnp.clip((step - n["warmup_steps"]) / n["decay_span"], 0.0, 1.0)
         if self.decay_style == "cosine":
-            decayed = self.min_lr + 0.5 * (jnp.cos(math.pi * ratio) + 1.0) * delta
+            decayed = n["min_lr"] + 0.5 * (jnp.cos(math.pi * ratio) + 1.0) * n["decay_delta"]
         elif self.decay_style == "linear":
-            decayed = self.min_lr + (1.0 - ratio) * delta
+            decayed = n["min_lr"] + (1.0 - ratio) * n["decay_delta"]
         elif self.decay_style == "inverse-square-root":
-            decayed = jnp.maximum(self.min_lr, self.max_lr * math.sqrt(warm) / jnp.sqrt(jnp.maximum(step, 1.0)))
+            decayed = jnp.maximum(n["min_lr"], n["inv_sqrt_scale"] / jnp.sqrt(jnp.maximum(step, 1.0)))
         else:
-            decayed = jnp.asarray(self.max_lr, jnp.float32)
+            decayed = jnp.asarray(n["max_lr"], jnp.float32)
         if self.decay_style != "constant":
-            decayed = jnp.where(step > self.decay_steps, self.min_lr, decayed)
-        in_warmup = (self.warmup_steps > 0) & (step <= self.warmup_steps)
+            decayed = jnp.where(step > n["decay_steps"], n["min_lr"], decayed)
+        in_warmup = (n["warmup_steps"] > 0) & (step <= n["warmup_steps"])
         return jnp.where(in_warmup, warmup_lr, decayed)
 
     def value(self, step: int) -> float:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 
@@ -165,7 +166,7 @@ def build_training(cfg, mesh, plan: BatchPlan, hf_config=None) -> Training:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     del model
     lr_schedule = schedule_lib.from_config(cfg)
-    optimizer = build_optimizer(cfg, lr_schedule)
+    optimizer = build_optimizer(cfg, lr_schedule)  # its state and shardings; the step builds its own
     param_shardings = jax.tree.map(lambda a: a.sharding, params)
     # AdamW's moments take their parameter's sharding; scalars (the update count) are replicated.
     opt_shardings = optax.tree_map_params(
@@ -176,7 +177,7 @@ def build_training(cfg, mesh, plan: BatchPlan, hf_config=None) -> Training:
     state_shardings = {"params": param_shardings, "opt_state": opt_shardings}
     batch_sharding = parallel.batch_sharding(mesh)
     train_step = make_train_step(
-        graphdef, rest, optimizer, mesh=mesh, data_axes=parallel.DATA_AXES, grad_accum=plan.grad_accum,
+        graphdef, rest, functools.partial(build_optimizer, cfg), lr_schedule, mesh=mesh, data_axes=parallel.DATA_AXES, grad_accum=plan.grad_accum,
         max_grad_norm=float(cfg.optimizer.max_grad_norm), dropout_seed=int(cfg.rng.seed),
         deterministic=not M.family_of(hf_config).dropout_active(hf_config), state_shardings=state_shardings,
         batch_sharding=batch_sharding, loss_chunk_size=loss_chunk_size(cfg),

@@ -7,7 +7,7 @@ in float32 by a `lax.scan`, and the update is applied to the FSDP-sharded parame
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -63,10 +63,26 @@ def schedule_count(opt_state, default):
     return counts[-1] if counts else jnp.asarray(default, jnp.int32)
 
 
+class TrainStep:
+    """`train_step(state, batch, step) -> (state, metrics)`: the jitted step with the LR schedule's
+    numbers bound (already on the devices). `lower` takes the same arguments, for ahead-of-time
+    compilation and cost analysis."""
+
+    def __init__(self, jitted, lr_numbers):
+        self.jitted, self.lr_numbers = jitted, lr_numbers
+
+    def __call__(self, state, batch, step):
+        return self.jitted(state, batch, step, self.lr_numbers)
+
+    def lower(self, state, batch, step):
+        return self.jitted.lower(state, batch, step, self.lr_numbers)
+
+
 def make_train_step(
     graphdef,
     rest,
-    optimizer: optax.GradientTransformation,
+    optimizer_for: Callable[[Callable], optax.GradientTransformation],
+    lr_schedule,
     *,
     mesh,
     data_axes,
@@ -78,10 +94,13 @@ def make_train_step(
     batch_sharding: NamedSharding,
     loss_chunk_size: int | None = None,
 ):
-    """Returns `train_step(state, batch, step) -> (state, metrics)`, jitted with donated state.
+    """Returns a `TrainStep`: `train_step(state, batch, step) -> (state, metrics)`, jitted with donated state.
 
     `state` is {"params": nnx.State, "opt_state": optax state}; `step` is the 0-based optimizer step,
     which keys dropout (fold_in(seed, step, micro)) so a resumed run draws the same masks.
+    `optimizer_for(schedule)` builds the optimizer around a schedule; `lr_schedule`
+    (train/schedule.py) enters the program through its numbers, an argument of the step, so the
+    compiled step (and the persistent compilation cache's entry) does not depend on them.
     """
 
     def loss_fn(params, micro, key, denom):
@@ -89,7 +108,8 @@ def make_train_step(
         ce_sum, _ = model_ce_sum(model, micro, chunk_size=loss_chunk_size, deterministic=deterministic, rngs=key)
         return ce_sum / denom
 
-    def step_body(state, batch, step):
+    def step_body(state, batch, step, lr_numbers):
+        optimizer = optimizer_for(lambda count: lr_schedule(count, lr_numbers))
         params = state["params"]
         denom = jnp.maximum(num_label_tokens(batch["labels"]), 1).astype(jnp.float32)
         micro = {k: split_microbatches(v, grad_accum, mesh, data_axes) for k, v in batch.items()}
@@ -126,17 +146,19 @@ def make_train_step(
         }
         return new_state, metrics
 
-    def train_step(state, batch, step):  # the name profiles and compile logs show: jit(train_step)
+    def train_step(state, batch, step, lr_numbers):  # the name profiles and compile logs show: jit(train_step)
         # Under the mesh, the model's logical activation constraints (parallel.constrain) apply.
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return step_body(state, batch, step)
+            return step_body(state, batch, step, lr_numbers)
 
-    return jax.jit(
+    replicated = NamedSharding(mesh, P())
+    jitted = jax.jit(
         train_step,
-        in_shardings=(state_shardings, batch_sharding, None),
+        in_shardings=(state_shardings, batch_sharding, None, replicated),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )
+    return TrainStep(jitted, jax.device_put(lr_schedule.numbers(), replicated))
 
 
 def make_eval_step(graphdef, rest, *, mesh, param_shardings, batch_sharding, loss_chunk_size: int | None = None):
