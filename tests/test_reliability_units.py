@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,33 +14,13 @@ import numpy as np
 import pytest
 
 from jaxpretrain.errors import UserError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tiny_training import tiny_training
 
 
 @pytest.fixture(scope="module")
 def training():
     """The real train step of a tiny GPT-2 (vocab 512) on one CPU device."""
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import gpt2 as presets
-
-    from jaxpretrain import parallel
-    from jaxpretrain.train import setup
-
-    cfg = presets.get_config("tiny")
-    with cfg.unlocked():
-        cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, cfg.model.n_positions = 1, 32, 2, 32
-        cfg.model.vocab_size = 512
-        cfg.dataset.seq_length = 16
-        cfg.step_scheduler.global_batch_size, cfg.step_scheduler.local_batch_size = 4, 2
-        cfg.distributed.dp_size = 1
-    mesh = setup.make_mesh(cfg)
-    plan = setup.plan_batches(cfg, parallel.data_parallel_size(mesh))
-    t = setup.build_training(cfg, mesh, plan)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, 512, (4, 17)).astype(np.int32)
-    batch = parallel.make_global_batch({"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, mesh)
-    return cfg, mesh, plan, t, batch
+    return tiny_training()
 
 
 def _copy(tree):

@@ -78,31 +78,6 @@ def test_schedule_on_traced_numbers_is_the_float32_schedule(style):
     np.testing.assert_allclose(traced, exact, rtol=2e-5, atol=1e-9)
 
 
-def _training(lr: float, max_steps: int, warmup: int):
-    import os
-    import sys
-
-    from jaxpretrain import parallel
-    from jaxpretrain.train import setup
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-    import gpt2 as presets
-
-    cfg = presets.get_config("tiny")
-    with cfg.unlocked():
-        cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, cfg.model.n_positions = 1, 32, 2, 32
-        cfg.model.vocab_size = 512
-        cfg.dataset.seq_length = 16
-        cfg.step_scheduler.global_batch_size, cfg.step_scheduler.local_batch_size = 4, 4
-        cfg.step_scheduler.max_steps = max_steps
-        cfg.optimizer.lr, cfg.lr_scheduler.init_lr, cfg.lr_scheduler.lr_warmup_steps = lr, lr / 10, warmup
-        cfg.distributed.dp_size = 1
-    mesh = setup.make_mesh(cfg)
-    t = setup.build_training(cfg, mesh, setup.plan_batches(cfg, parallel.data_parallel_size(mesh)))
-    ids = np.random.default_rng(0).integers(0, 512, (4, 17)).astype(np.int32)
-    return t, parallel.make_global_batch({"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, mesh)
-
-
 def test_one_compiled_train_step_serves_every_schedule():
     """Two runs that differ only in lr, warmup and max_steps lower to the same program (one entry of
     the persistent compilation cache), and each still applies its own learning rate: AdamW's first
@@ -110,7 +85,10 @@ def test_one_compiled_train_step_serves_every_schedule():
     import jax
     import jax.numpy as jnp
 
-    (a, batch), (b, _) = _training(1e-3, 100, 10), _training(2e-3, 37, 3)
+    from tiny_training import tiny_training
+
+    *_, a, batch = tiny_training(4, max_steps=100, lr=1e-3, warmup=10)
+    *_, b, _ = tiny_training(4, max_steps=37, lr=2e-3, warmup=3)
     step0 = jnp.int32(0)
     assert a.train_step.lower(a.state, batch, step0).as_text() == b.train_step.lower(b.state, batch, step0).as_text()
     before = [np.array(x) for x in jax.tree.leaves(a.state["params"])]
