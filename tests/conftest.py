@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -150,6 +151,59 @@ def token_glob(tmp_path_factory):
     )
     assert r.returncode == 0, r.stderr
     return str(root / "tok" / "processed_data_*_text_document*")
+
+
+SMALL_VOCAB = 512  # ln(512) = 6.24: the loss of a fresh model on the small corpus
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """Megatron token files and the HF tokenizer (a directory) that wrote them."""
+
+    glob: str
+    tokenizer: str
+    vocab_size: int
+
+    def overrides(self) -> dict:
+        """Train CLI fields that point a run at these files, with a model vocabulary to match."""
+        return {
+            "dataset.paths": self.glob, "validation_dataset.paths": self.glob,
+            "dataset.tokenizer": self.tokenizer, "model.vocab_size": self.vocab_size,
+        }
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Corpus:
+    """The stdlib corpus of `token_glob`, tokenized by our preprocess CLI with a byte-level BPE of 512
+    tokens trained on it here (deterministic, offline). Training tests that need no GPT-2 text use it:
+    with GPT-2's 50,257 tokens the embedding and head are 97% of a tiny model, so every step, every
+    validation pass and every checkpoint write of those tests cost several times more (a cached
+    30-step run on this VM: 12.5-14.9 s of CPU with GPT-2's vocabulary, 7.1-8.2 s with this one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxpretrain.data.stdlib_corpus import write_stdlib_jsonl
+
+    root = tmp_path_factory.mktemp("small_corpus")
+    paths = write_stdlib_jsonl(str(root / "jsonl"), num_files=2, max_docs=300)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's pre-tokenizer
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=SMALL_VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator((text for path in paths for text in iter_texts(path)), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    assert len(tokenizer) == SMALL_VOCAB
+    tokenizer.save_pretrained(str(root / "tokenizer"))
+    r = run_module(
+        "jaxpretrain.preprocess", "--input", str(root / "jsonl" / "*.jsonl"), "--json-keys", "text",
+        "--output-prefix", "processed_data", "--output-path", str(root / "tok"), "--workers", "2", "--append-eod",
+        "--pretrained-model-name-or-path", str(root / "tokenizer"),
+    )
+    assert r.returncode == 0, r.stderr
+    return Corpus(str(root / "tok" / "processed_data_*_text_document*"), str(root / "tokenizer"), SMALL_VOCAB)
 
 
 def word_level_tokenizer(vocab_size=100):

@@ -67,12 +67,12 @@ def test_seed_yaml_trains_and_reports(yaml_run):
     assert plain(finalize(again.cfg)) == plain(finalize(direct.cfg))
 
 
-def test_json_list_and_dict_on_the_command_line_train(token_glob, tmp_path):
-    prefixes = sorted({p[: -len(".bin")] for p in __import__("glob").glob(token_glob) if p.endswith(".bin")})
+def test_json_list_and_dict_on_the_command_line_train(corpus, tmp_path):
+    prefixes = sorted({p[: -len(".bin")] for p in __import__("glob").glob(corpus.glob) if p.endswith(".bin")})
     assert len(prefixes) == 2
     blend = json.dumps(["30", prefixes[0], "70", prefixes[1]])
     per_split = json.dumps({"validation": [prefixes[1]]})
-    o = tiny_overrides(token_glob, str(tmp_path / "ckpt"), **{"step_scheduler.max_steps": 2, "step_scheduler.val_every_steps": 2, "lr_scheduler.lr_warmup_steps": 1})
+    o = tiny_overrides(corpus, str(tmp_path / "ckpt"), **{"step_scheduler.max_steps": 2, "step_scheduler.val_every_steps": 2, "lr_scheduler.lr_warmup_steps": 1})
     del o["dataset.paths"], o["validation_dataset.paths"]
     r = python("-m", "jaxpretrain.train", *as_flags(o), f"--config.dataset.paths={blend}", f"--config.validation_dataset.paths={per_split}")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -106,8 +106,8 @@ def test_json_list_and_dict_on_the_command_line_train(token_glob, tmp_path):
         ),
     ],
 )
-def test_config_mistakes(flags, expected, token_glob, tmp_path):
-    o = tiny_overrides(token_glob, str(tmp_path / "ckpt"))
+def test_config_mistakes(flags, expected, corpus, tmp_path):
+    o = tiny_overrides(corpus, str(tmp_path / "ckpt"))
     r = python("-m", "jaxpretrain.train", *as_flags(o), *flags, timeout=300)
     one_error_line(r, expected)
     assert not os.path.exists(tmp_path / "ckpt")

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import Corpus
 from test_train import ROOT, STEP_LINE, as_flags, python, tiny_overrides
 
 EXIT_STOPPED = 75  # the train CLI's status after SIGTERM and a saved checkpoint (train/preemption.py)
@@ -71,9 +72,9 @@ RECORDING_TRAIN = textwrap.dedent(
 )
 
 
-def overrides(token_glob: str, ckpt: str, layout: str = "two_processes") -> dict:
+def overrides(corpus: Corpus, ckpt: str, layout: str = "two_processes") -> dict:
     return tiny_overrides(
-        token_glob, ckpt, **{
+        corpus, ckpt, **{
             "model.dropout": DROPOUT, "step_scheduler.max_steps": STEPS,
             "step_scheduler.global_batch_size": GLOBAL, "step_scheduler.local_batch_size": LOCAL[layout],
         }
@@ -193,7 +194,7 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(token_glob, tmp_path_factory) -> Runs:
+def runs(corpus, tmp_path_factory) -> Runs:
     """Four runs of one config, independent ones overlapped (the CPUs idle while processes wait on each
     other): one device; two processes uninterrupted; two processes sent SIGTERM once process 0 has
     printed step 2; the same command again, which resumes."""
@@ -203,7 +204,7 @@ def runs(token_glob, tmp_path_factory) -> Runs:
     with contextlib.ExitStack() as stack:
         def start(name, ckpt_dir, n=2):
             procs[name] = stack.enter_context(Processes(
-                as_flags(overrides(token_glob, ckpt_dir, "one_device" if n == 1 else "two_processes")), os.path.join(work, name), n
+                as_flags(overrides(corpus, ckpt_dir, "one_device" if n == 1 else "two_processes")), os.path.join(work, name), n
             ))
             return procs[name]
 
@@ -307,14 +308,14 @@ def test_export_of_a_two_process_checkpoint(runs, tmp_path):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def test_one_process_checkpoint_resumes_in_two_processes(runs, token_glob, tmp_path):
+def test_one_process_checkpoint_resumes_in_two_processes(runs, corpus, tmp_path):
     """The one-device run's step-6 checkpoint (one loader position, `process_0-of-1.json`) resumed by
     two processes: each takes that position and reads its own rows of batches 6 and 7, and steps 7-8
     give the one-device run's losses."""
     ckpt = str(tmp_path / "ckpt")
     src = runs.one_device
     shutil.copytree(src, ckpt, ignore=lambda d, names: [n for n in names if d == src and n in ("logs", str(STEPS))])
-    with Processes(as_flags(overrides(token_glob, ckpt)), str(tmp_path / "run")) as p:
+    with Processes(as_flags(overrides(corpus, ckpt)), str(tmp_path / "run")) as p:
         out0, _ = p.wait()
         n = n_train_samples(out0)
         for pid in range(2):

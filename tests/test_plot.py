@@ -38,9 +38,9 @@ def plot(*args):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(token_glob, tmp_path_factory):  # noqa: F811
+def tiny_run(corpus, tmp_path_factory):
     ckpt = str(tmp_path_factory.mktemp("plot_run") / "ckpt")
-    overrides = tiny_overrides(token_glob, ckpt, **{
+    overrides = tiny_overrides(corpus, ckpt, **{
         "step_scheduler.max_steps": 6, "step_scheduler.val_every_steps": 2, "step_scheduler.ckpt_every_steps": 6,
         "model.dropout": 0.0,
     })
