@@ -138,19 +138,28 @@ def stdlib_reference(stdlib_jsonl, gpt2_tokenizer, tmp_path_factory) -> list[str
 
 
 @pytest.fixture(scope="session")
-def token_glob(tmp_path_factory):
-    """A small real corpus (CPython stdlib sources) preprocessed by our CLI into Megatron files; one
-    for the session (every training test reads it; each run keeps its own index cache)."""
+def training_jsonl(tmp_path_factory) -> list[str]:
+    """The training tests' text: 300 CPython stdlib sources in 2 JSONL files."""
     from jaxpretrain.data.stdlib_corpus import write_stdlib_jsonl
 
-    root = tmp_path_factory.mktemp("corpus")
-    write_stdlib_jsonl(str(root / "jsonl"), num_files=2, max_docs=300)
+    return write_stdlib_jsonl(str(tmp_path_factory.mktemp("training_jsonl")), num_files=2, max_docs=300)
+
+
+def preprocess_jsonl(paths: list[str], out_dir: str, *flags: str) -> str:
+    """`paths` through our preprocess CLI (eos appended, `flags` added) into `out_dir`; the files' glob."""
     r = run_module(
-        "jaxpretrain.preprocess", "--input", str(root / "jsonl" / "*.jsonl"), "--json-keys", "text",
-        "--output-prefix", "processed_data", "--output-path", str(root / "tok"), "--workers", "2", "--append-eod",
+        "jaxpretrain.preprocess", "--input", *paths, "--json-keys", "text", "--output-prefix", "processed_data",
+        "--output-path", out_dir, "--workers", "2", "--append-eod", *flags,
     )
     assert r.returncode == 0, r.stderr
-    return str(root / "tok" / "processed_data_*_text_document*")
+    return os.path.join(out_dir, "processed_data_*_text_document*")
+
+
+@pytest.fixture(scope="session")
+def token_glob(training_jsonl, tmp_path_factory):
+    """`training_jsonl` in GPT-2's tokens (the embedded BPE), as Megatron files; one for the session
+    (each run keeps its own index cache)."""
+    return preprocess_jsonl(training_jsonl, str(tmp_path_factory.mktemp("corpus") / "tok"))
 
 
 SMALL_VOCAB = 512  # ln(512) = 6.24: the loss of a fresh model on the small corpus
@@ -173,19 +182,16 @@ class Corpus:
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Corpus:
-    """The stdlib corpus of `token_glob`, tokenized by our preprocess CLI with a byte-level BPE of 512
-    tokens trained on it here (deterministic, offline). Training tests that need no GPT-2 text use it:
-    with GPT-2's 50,257 tokens the embedding and head are 97% of a tiny model, so every step, every
-    validation pass and every checkpoint write of those tests cost several times more (a cached
-    30-step run on this VM: 12.5-14.9 s of CPU with GPT-2's vocabulary, 7.1-8.2 s with this one)."""
+def corpus(training_jsonl, tmp_path_factory) -> Corpus:
+    """`training_jsonl` tokenized by our preprocess CLI with a byte-level BPE of 512 tokens trained on it
+    here (deterministic, offline). Training tests that need no GPT-2 text use it: with GPT-2's 50,257
+    tokens the embedding and head are 97% of a tiny model, so every step, every validation pass and
+    every checkpoint write of those tests cost several times more (a cached 30-step train run on this
+    VM: 12.9-13.7 s of CPU with GPT-2's vocabulary, 6.8-8.2 s with this one)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from jaxpretrain.data.stdlib_corpus import write_stdlib_jsonl
-
     root = tmp_path_factory.mktemp("small_corpus")
-    paths = write_stdlib_jsonl(str(root / "jsonl"), num_files=2, max_docs=300)
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's pre-tokenizer
     backend.decoder = decoders.ByteLevel()
@@ -193,17 +199,13 @@ def corpus(tmp_path_factory) -> Corpus:
         vocab_size=SMALL_VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator((text for path in paths for text in iter_texts(path)), trainer)
+    backend.train_from_iterator((text for path in training_jsonl for text in iter_texts(path)), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     assert len(tokenizer) == SMALL_VOCAB
-    tokenizer.save_pretrained(str(root / "tokenizer"))
-    r = run_module(
-        "jaxpretrain.preprocess", "--input", str(root / "jsonl" / "*.jsonl"), "--json-keys", "text",
-        "--output-prefix", "processed_data", "--output-path", str(root / "tok"), "--workers", "2", "--append-eod",
-        "--pretrained-model-name-or-path", str(root / "tokenizer"),
-    )
-    assert r.returncode == 0, r.stderr
-    return Corpus(str(root / "tok" / "processed_data_*_text_document*"), str(root / "tokenizer"), SMALL_VOCAB)
+    tokenizer_dir = str(root / "tokenizer")
+    tokenizer.save_pretrained(tokenizer_dir)
+    glob = preprocess_jsonl(training_jsonl, str(root / "tok"), "--pretrained-model-name-or-path", tokenizer_dir)
+    return Corpus(glob, tokenizer_dir, SMALL_VOCAB)
 
 
 def word_level_tokenizer(vocab_size=100):
