@@ -32,6 +32,10 @@ def model_section() -> ml_collections.ConfigDict:
     m.n_head = placeholder(int)
     m.n_positions = placeholder(int)
     m.vocab_size = placeholder(int)
+    # Beginning- and end-of-sequence ids of the exported config; generation stops at eos (None:
+    # dataset.tokenizer's, 50256 for GPT-2's).
+    m.bos_token_id = placeholder(int)
+    m.eos_token_id = placeholder(int)
     # Dropout probability for embeddings, attention and residuals (None: the HF config's, 0.1 for GPT-2).
     m.dropout = placeholder(float)
     # Compute dtype of matmuls/activations; master weights and the loss stay float32.

@@ -61,9 +61,9 @@ def model_section() -> ml_collections.ConfigDict:
     m.rms_norm_eps = placeholder(float)
     # Std of the normal init of every projection and embedding (HF's _init_weights).
     m.initializer_range = placeholder(float)
-    # Beginning-of-sequence id, written to the exported config.
+    # Beginning-of-sequence id, written to the exported config (None: dataset.tokenizer's).
     m.bos_token_id = placeholder(int)
-    # End-of-sequence id, written to the exported config (generation stops at it).
+    # End-of-sequence id, written to the exported config: generation stops at it (None: dataset.tokenizer's).
     m.eos_token_id = placeholder(int)
     # Attention dropout probability (None: the config's, 0.0 for Llama, which pretrains without dropout).
     m.dropout = placeholder(float)
@@ -92,7 +92,6 @@ def _llama3(m: ml_collections.ConfigDict, **shape) -> None:
     m.max_position_embeddings = 131072
     m.tie_word_embeddings = True
     m.rms_norm_eps = 1e-5
-    m.bos_token_id, m.eos_token_id = 128000, 128001
     for name, value in shape.items():
         m[name] = value
 
@@ -123,7 +122,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optimizer.lr = 3e-4
     elif preset == "tiny":
         m.vocab_size = 50257  # the embedded corpus is GPT-2-tokenized
-        m.bos_token_id = m.eos_token_id = 50256
         m.hidden_size, m.intermediate_size = 128, 384
         m.num_hidden_layers, m.num_attention_heads, m.num_key_value_heads = 2, 4, 2
         m.max_position_embeddings = 256

@@ -144,6 +144,22 @@ def load_tokenizer(name_or_path: str | None = None):
         raise UserError(f"tokenizer {name_or_path!r}: cannot load ({first_line})") from None
 
 
+SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id")
+
+
+def special_token_ids(name_or_path: str | None, tokenizer=None) -> dict:
+    """The tokenizer's bos/eos ids as HF model config fields (None where it has no such token).
+
+    A model trained on a tokenizer's ids should name that tokenizer's specials in its config.json
+    (generate's stop token): a built-in config's own (GPT-2's 50256, Llama 3's 128000/128001) are
+    out of range for a 512-token vocabulary. The embedded GPT-2 is answered without loading it.
+    """
+    if tokenizer is None and is_embedded_gpt2_name(name_or_path):
+        return {"bos_token_id": GPT2_EOS_ID, "eos_token_id": GPT2_EOS_ID}
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name_or_path)
+    return {field: getattr(tokenizer, field, None) for field in SPECIAL_TOKEN_FIELDS}
+
+
 def save_tokenizer(tokenizer_or_name, out_dir: str) -> list[str]:
     """Write the tokenizer files into an exported HF directory; returns the paths written.
 

@@ -118,12 +118,18 @@ def test_export_scores_validation_at_the_logged_loss(baseline_run, corpus, tmp_p
     assert {"config.json", "model.safetensors"} <= set(os.listdir(hf_dir))
     from transformers import AutoTokenizer
 
-    assert len(AutoTokenizer.from_pretrained(hf_dir)) == SMALL_VOCAB  # the run's tokenizer, not GPT-2's
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    assert len(tokenizer) == SMALL_VOCAB  # the run's tokenizer, not GPT-2's
+    # ... and its specials in the model's config: generate stops at the tokenizer's eos (0 here), not
+    # at GPT-2's 50256, which is outside a 512-token vocabulary (transformers warned of it at startup).
+    model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    assert tokenizer.eos_token_id == 0 and model.config.eos_token_id == model.generation_config.eos_token_id == 0
+    assert model.config.bos_token_id == model.generation_config.bos_token_id == tokenizer.bos_token_id
+    assert "within the vocabulary" not in out
 
     valid = build_gpt_datasets(corpus.glob, seq_length=SEQ, split="0.9, 0.1, 0.0", seed=DATA_SEED, num_samples=(0, VAL_SAMPLES, 0))[1]
     ids = torch.tensor(np.stack([valid[i]["input_ids"] for i in range(VAL_SAMPLES)]).astype(np.int64))
     labels = torch.tensor(np.stack([valid[i]["labels"] for i in range(VAL_SAMPLES)]).astype(np.int64))
-    model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     with torch.no_grad():
         logits = model(ids).logits.float()
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).item()

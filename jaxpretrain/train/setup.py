@@ -23,6 +23,7 @@ from jaxpretrain.config.sections import MODEL_OPTIONS  # ours; every other `mode
 from jaxpretrain.data import build_gpt_datasets
 from jaxpretrain.data.loader import Loader, make_loader
 from jaxpretrain.errors import UserError
+from jaxpretrain.tokenizer import special_token_ids
 from jaxpretrain.train import memory, precheck
 from jaxpretrain.train import schedule as schedule_lib
 from jaxpretrain.train.checkpoint import TrainCheckpointer
@@ -99,11 +100,20 @@ def _shard_size(d) -> int | None:
 
 # ------------------------------------------------------------------------------------------------ model
 
-def model_config(cfg):
+def model_config(cfg, token_ids: dict | None = None):
     """The HF config of the model to train: `model.pretrained_model_name_or_path` plus the section's
-    config overrides, validated by its family, and long enough for `dataset.seq_length`."""
+    config overrides, validated by its family, and long enough for `dataset.seq_length`.
+
+    `token_ids` (the run's tokenizer's, `tokenizer.special_token_ids`) fill the bos/eos fields the
+    section leaves unset, so an exported model stops at its own tokenizer's eos; an id outside the
+    vocabulary is left out (the config keeps its own).
+    """
     m = cfg.model
     overrides = {k: v for k, v in m.items() if k not in MODEL_OPTIONS and v is not None}
+    vocab_size = overrides.get("vocab_size")
+    for field, value in (token_ids or {}).items():
+        if field in m and m[field] is None and value is not None and (vocab_size is None or value < vocab_size):
+            overrides[field] = value
     hf_config = M.config_from(m.pretrained_model_name_or_path, dropout=m.dropout, **overrides)
     limit = M.family_of(hf_config).max_positions(hf_config)
     for section in ("dataset", "validation_dataset"):
@@ -288,11 +298,11 @@ def setup(cfg, source: str | None = None) -> Run:
     precheck.check(cfg)  # what the train CLI checked before importing jax, for library callers
     mesh = make_mesh(cfg)
     plan = plan_batches(cfg, parallel.data_parallel_size(mesh))
-    hf_config = model_config(cfg)
+    tokenizer = check_tokenizers(cfg)
+    hf_config = model_config(cfg, special_token_ids(cfg.dataset.get("tokenizer"), tokenizer))
     loss_chunk_size(cfg)
     if cfg.checkpoint.enabled:
         check_resumable(cfg, hf_config)
-    check_tokenizers(cfg)
     hellaswag_items = None
     if cfg.eval.hellaswag_path:
         from jaxpretrain.evaluation import hellaswag
@@ -320,20 +330,21 @@ def setup(cfg, source: str | None = None) -> Run:
     return Run(cfg, mesh, plan, data, training, state, data_iter, ckpt, start_step, source or "(a config object)", hellaswag_items)
 
 
-def check_tokenizers(cfg) -> None:
+def check_tokenizers(cfg):
     """The run's tokenizer goes into every checkpoint (export and save_consolidated write it out):
-    one that cannot be loaded is an error now, not after the run. The embedded GPT-2 always loads."""
+    one that cannot be loaded is an error now, not after the run. The embedded GPT-2 always loads
+    (and is not loaded here). Returns dataset.tokenizer, loaded (None for the embedded GPT-2)."""
     from jaxpretrain.tokenizer import is_embedded_gpt2_name, load_tokenizer
 
-    checked = set()
+    loaded = {}
     for section in ("dataset", "validation_dataset"):
         name = cfg[section].get("tokenizer")
-        if name is not None and not is_embedded_gpt2_name(name) and name not in checked:
-            checked.add(name)
+        if name is not None and not is_embedded_gpt2_name(name) and name not in loaded:
             try:
-                load_tokenizer(name)
+                loaded[name] = load_tokenizer(name)
             except UserError as e:
                 raise UserError(f"{section}.tokenizer: {e}") from None
+    return loaded.get(cfg.dataset.get("tokenizer"))
 
 
 def check_resumable(cfg, hf_config) -> None:
