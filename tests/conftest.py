@@ -32,6 +32,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _jax_cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+# ... shared by the processes of a multi-process CPU run too: tests/site/sitecustomize.py, imported at
+# start-up by every process started from here, makes JAX's cache keys the same in all of them.
+_SITE = os.path.join(REPO_ROOT, "tests", "site")
+if _SITE not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SITE, os.environ.get("PYTHONPATH")) if p)
+
 
 # ------------------------------------------------------------------ order and grouping for pytest-xdist
 # The suite runs on 2 workers (pyproject's addopts: `-n 2 --dist loadgroup --no-loadscope-reorder`).
