@@ -144,9 +144,9 @@ def bench(cfg, args) -> dict:
     lower_s = time.perf_counter() - start
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    numbers = t.train_step.lr_numbers
+    numbers = t.train_step.numbers
 
-    def run_step(state, step: int):  # the compiled step also takes the LR schedule's numbers (train/step.py)
+    def run_step(state, step: int):  # the compiled step also takes the schedules' numbers (train/step.py)
         return compiled(state, batch, jnp.int32(step), numbers)
 
     attention_kernels = _attention_kernels(compiled)

@@ -55,9 +55,28 @@ def train_ds(stdlib_reference, tmp_path_factory):
     )[0]
 
 
+# Warmup-stable-decay with an exponential anneal over the last 5 steps, and a weight decay rising
+# linearly from 0 to 4 over 8 steps (large, so that a decay applied at the wrong step shows in the loss).
+WSD_SCHEDULE = {"lr_decay_style": "WSD", "wsd_decay_steps": 5, "lr_wsd_decay_style": "exponential",
+                "start_wd": 0.0, "end_wd": 4.0, "wd_incr_steps": 8, "wd_incr_style": "linear"}
+
+
 @pytest.fixture(scope="module")
 def torch_run(hf_dir, train_ds):
     """NeMo Automodel's recipe in torch: (losses, grad norms, the samples of each step)."""
+    return torch_recipe(hf_dir, train_ds)
+
+
+@pytest.fixture(scope="module")
+def torch_run_wsd(hf_dir, train_ds):
+    if hf_dir[0] != "gpt2":
+        pytest.skip("the schedules do not depend on the family: GPT-2 only (suite time)")
+    return torch_recipe(hf_dir, train_ds, **WSD_SCHEDULE)
+
+
+def torch_recipe(hf_dir, train_ds, **schedule):
+    """The recipe in torch; `schedule`: OptimizerParamScheduler arguments replacing the seed's
+    warmup-cosine and constant weight decay."""
     from nemo_automodel.components.optim.scheduler import OptimizerParamScheduler
 
     MegatronPretrainingSampler = nemo_sampler_class()
@@ -65,10 +84,11 @@ def torch_run(hf_dir, train_ds):
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir[1], attn_implementation="eager").train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
-    sched = OptimizerParamScheduler(
-        opt, init_lr=0.1 * LR, max_lr=LR, min_lr=MIN_LR, lr_warmup_steps=WARMUP, lr_decay_steps=STEPS,
-        lr_decay_style="cosine", start_wd=WD, end_wd=WD, wd_incr_steps=STEPS, wd_incr_style="constant",
-    )
+    sched = OptimizerParamScheduler(opt, **{
+        "init_lr": 0.1 * LR, "max_lr": LR, "min_lr": MIN_LR, "lr_warmup_steps": WARMUP, "lr_decay_steps": STEPS,
+        "lr_decay_style": "cosine", "start_wd": WD, "end_wd": WD, "wd_incr_steps": STEPS, "wd_incr_style": "constant",
+        **schedule,
+    })
     sampler = iter(MegatronPretrainingSampler(
         total_samples=len(train_ds), micro_batch_size=MICRO, data_parallel_rank=0, data_parallel_size=1,
         drop_last=True, global_batch_size=GLOBAL,
@@ -157,4 +177,14 @@ def test_train_step_logs_the_torch_recipe(hf_dir, train_ds, torch_run, options):
     # sums in another order, then AdamW, which divides by sqrt(v), carrying the difference along).
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     np.testing.assert_allclose(norms[0], ref_norms[0], rtol=2e-5)
+    np.testing.assert_allclose(norms, ref_norms, rtol=3e-4)
+
+
+def test_train_step_follows_wsd_and_a_rising_weight_decay(hf_dir, train_ds, torch_run, torch_run_wsd):
+    """NeMo's WSD decay and weight-decay increment (lr_scheduler.wsd_decay_steps, lr_wsd_decay_style,
+    start_wd, end_wd, wd_incr_steps, wd_incr_style) in the real train step, against torch's run."""
+    ref_losses, ref_norms, _ = torch_run_wsd
+    assert np.abs(ref_losses - torch_run[0]).max() > 1e-3  # the schedules change the run: a test of something
+    losses, norms, _ = ours(hf_dir, train_ds, **{"loss_fn.chunk_size": 0, **{f"lr_scheduler.{k}": v for k, v in WSD_SCHEDULE.items()}})
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     np.testing.assert_allclose(norms, ref_norms, rtol=3e-4)

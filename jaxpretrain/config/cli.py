@@ -182,6 +182,9 @@ def _show(value) -> str:
 
 
 def print_notes(loaded: Loaded) -> None:
-    """One line for the recipe keys that were accepted but do nothing in JAX."""
+    """One line for the recipe keys that were accepted but do nothing in JAX, one for the values it
+    left out that were filled in as NeMo would."""
     if loaded.notes:
         print(f"note: {os.path.basename(loaded.source)}: accepted, no effect in JAX: {', '.join(loaded.notes)}", file=sys.stderr, flush=True)
+    for line in loaded.filled:
+        print(f"note: {os.path.basename(loaded.source)}: {line}", file=sys.stderr, flush=True)

@@ -29,6 +29,7 @@ class Loaded:
     base: str  # the Python config and preset the fields come from: "/abs/configs/gpt2.py:124m"
     source: str  # what the user passed to --config
     notes: list[str] = dataclasses.field(default_factory=list)  # accepted keys that have no effect
+    filled: list[str] = dataclasses.field(default_factory=list)  # values a recipe YAML left out, filled in as NeMo would
 
 
 def resolve_path(path: str) -> str:

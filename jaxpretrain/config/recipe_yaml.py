@@ -43,6 +43,15 @@ TARGETS = {
 # torch.optim.AdamW's defaults: what NeMo uses for an argument the YAML leaves out.
 TORCH_ADAMW_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 
+
+# NeMo Automodel's `LRSchedulerConfig.build` for a key an `lr_scheduler` section leaves out, where the
+# base preset's value (the seed's) differs; the other keys default as NeMo's do (init_lr 0.1 x lr,
+# max_lr = lr, decay and weight-decay steps = max_steps, start_wd = end_wd = weight_decay). Without
+# the section NeMo builds no scheduler: a constant lr. (NeMo's total steps are min(max_steps,
+# epochs x epoch length); a recipe's train samples are max_steps x the global batch, so max_steps.)
+def nemo_scheduler_defaults(lr: float, max_steps: int) -> dict:
+    return {"min_lr": 0.01 * lr, "lr_warmup_steps": min(1000, max_steps // 10), "lr_decay_style": "cosine"}
+
 # section -> {key: our field}; keys mapped to None are accepted and noted (no effect in JAX).
 FIELDS = {
     "step_scheduler": {
@@ -84,12 +93,11 @@ FIELDS = {
         "fused": None,
         "foreach": None,
     },
-    "lr_scheduler": {
-        "lr_decay_style": "lr_scheduler.lr_decay_style",
-        "lr_warmup_steps": "lr_scheduler.lr_warmup_steps",
-        "min_lr": "lr_scheduler.min_lr",
-        "init_lr": "lr_scheduler.init_lr",
-        "lr_decay_steps": "lr_scheduler.lr_decay_steps",
+    "lr_scheduler": {  # NeMo's LRSchedulerConfig, as OptimizerParamScheduler names its arguments
+        key: f"lr_scheduler.{key}" for key in (
+            "lr_decay_style", "lr_warmup_steps", "min_lr", "init_lr", "lr_decay_steps", "max_lr",
+            "wsd_decay_steps", "lr_wsd_decay_style", "start_wd", "end_wd", "wd_incr_steps", "wd_incr_style",
+        )
     },
     "clip_grad_norm": {"max_norm": "optimizer.max_grad_norm"},
     "wandb": {"project": "wandb.project", "entity": "wandb.entity", "name": "wandb.name", "save_dir": "wandb.save_dir"},
@@ -211,9 +219,28 @@ class _Recipe:
             else:
                 supported = ", ".join(["model", "dataset", "validation_dataset", *FIELDS])
                 raise self.error(section, f"section not supported (supported: {supported})")
+        self.scheduler_defaults()
         self.inherit_validation_fields()
         self.loaded.notes = self.notes
         return self.loaded
+
+    def scheduler_defaults(self) -> None:
+        """What NeMo schedules where the YAML says nothing: its own defaults for the `lr_scheduler`
+        keys left out (not the base preset's, which are the seed's), a constant lr without the
+        section. Each value filled in is listed in one note, so none of them is a surprise."""
+        cfg, filled = self.loaded.cfg, []
+        node = self.data.get("lr_scheduler")
+        if not node:  # absent, null or {}: NeMo's typed config then has no scheduler
+            values = {"lr_decay_style": "constant", "lr_warmup_steps": 0}
+            why = "no lr_scheduler section: a constant optimizer.lr, as NeMo without a scheduler"
+        else:
+            values = {k: v for k, v in nemo_scheduler_defaults(float(cfg.optimizer.lr), int(cfg.step_scheduler.max_steps)).items()
+                      if k not in node}
+            why = "NeMo Automodel's defaults for lr_scheduler keys the YAML leaves out"
+        for key, value in values.items():
+            self.set(f"lr_scheduler.{key}", value, f"lr_scheduler.{key} ({why})")
+            filled.append(f"lr_scheduler.{key}={value:g}" if isinstance(value, float) else f"lr_scheduler.{key}={value}")
+        self.loaded.filled = ([f"{why}: {', '.join(filled)}"] if filled else [])
 
     def inherit_validation_fields(self) -> None:
         """A validation value equal to the train section's becomes "inherit" (None): the seed's YAML
@@ -265,8 +292,6 @@ class _Recipe:
             if node.get("amsgrad"):
                 raise self.error("optimizer.amsgrad", "AMSGrad is not supported (AdamW as torch computes it without it)")
             node.pop("amsgrad", None)
-        if section == "lr_scheduler":
-            self.weight_decay_schedule(node)
         if section == "checkpoint":
             fmt = node.get("model_save_format")
             if fmt not in (None, "torch_save", "safetensors"):
@@ -284,16 +309,6 @@ class _Recipe:
                 self.notes.append(f"{section}.{key}")
             else:
                 self.set(fields[key], value, f"{section}.{key}")
-
-    def weight_decay_schedule(self, node: dict) -> None:
-        keys = ("start_weight_decay", "end_weight_decay", "weight_decay_incr_style")
-        given = {k: node.pop(k) for k in keys if k in node}
-        if not given:
-            return
-        style = given.get("weight_decay_incr_style", "constant")
-        wd = (self.data.get("optimizer") or {}).get("weight_decay", TORCH_ADAMW_DEFAULTS["weight_decay"])
-        if style != "constant" or any(given.get(k, wd) != wd for k in keys[:2]):
-            raise self.error("lr_scheduler.weight_decay_incr_style", "only a constant weight decay (optimizer.weight_decay) is supported")
 
     def dataset(self, section: str, node: dict) -> None:
         self.target(section, node, section, TARGETS["dataset"])

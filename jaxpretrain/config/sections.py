@@ -154,7 +154,7 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
     c.lr_scheduler = ml_collections.ConfigDict()
     r = c.lr_scheduler
-    # "cosine", "linear", "constant" or "inverse-square-root" (Megatron's OptimizerParamScheduler).
+    # "cosine", "linear", "constant", "inverse-square-root" or "WSD" (Megatron's OptimizerParamScheduler).
     r.lr_decay_style = "cosine"
     # Linear warmup steps from init_lr to optimizer.lr.
     r.lr_warmup_steps = 700
@@ -164,6 +164,20 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     r.init_lr = placeholder(float)
     # Steps of the decay; None: step_scheduler.max_steps.
     r.lr_decay_steps = placeholder(int)
+    # The peak the warmup reaches; None: optimizer.lr.
+    r.max_lr = placeholder(float)
+    # WSD (warmup-stable-decay): max_lr after the warmup, then an anneal to min_lr over the decay's last this many steps.
+    r.wsd_decay_steps = placeholder(int)
+    # WSD's anneal: "linear", "cosine", "exponential" or "minus_sqrt" (required with WSD).
+    r.lr_wsd_decay_style = placeholder(str)
+    # The weight decay at step 0; None: optimizer.weight_decay.
+    r.start_wd = placeholder(float)
+    # The weight decay after wd_incr_steps (at least start_wd); None: optimizer.weight_decay.
+    r.end_wd = placeholder(float)
+    # Steps over which the weight decay moves from start_wd to end_wd; None: step_scheduler.max_steps.
+    r.wd_incr_steps = placeholder(int)
+    # "constant" (start_wd = end_wd), "linear" or "cosine" (Megatron's weight-decay increment).
+    r.wd_incr_style = "constant"
 
     c.wandb = ml_collections.ConfigDict()
     w = c.wandb

@@ -181,6 +181,9 @@ class Trainer:
             loss=loss, grad_norm=grad_norm, lr=self.r.training.lr_schedule.value(self.updates), mem=metrics_lib.peak_memory_gib(),
             tps=tps, num_label_tokens=int(m["num_label_tokens"]),
         )
+        wd = self.r.training.wd_schedule
+        if wd is not None and wd.incr_style != "constant":  # a scheduled weight decay goes to the metric files too
+            values["weight_decay"] = wd.value(self.updates)
         cfg = self.r.cfg
         if step % int(cfg.logging.log_every_steps) == 0 or step == self.r.data.total_steps or step == self.r.start_step + 1:
             log.info(metrics_lib.format_step_line(

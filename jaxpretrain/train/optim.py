@@ -35,9 +35,12 @@ def check_optimizer(cfg) -> None:
         raise ConfigError(f"optimizer.lr: must be positive, got {opt.lr!r}")
 
 
-def build_optimizer(cfg, schedule: Callable) -> optax.GradientTransformation:
+def build_optimizer(cfg, schedule: Callable, weight_decay=None) -> optax.GradientTransformation:
     """AdamW from the `optimizer` config section, its learning rate `schedule(updates_done)` (an
-    LRSchedule, or the train step's schedule on traced numbers).
+    LRSchedule, or the train step's schedule on traced numbers), and the weight decay of this update:
+    a (traced) scalar from the weight-decay schedule, which the train step evaluates at the update
+    count; None: optimizer.weight_decay. A scalar rather than a second schedule keeps the optimizer
+    state exactly optax.adamw's, so checkpoints do not depend on the weight-decay schedule.
 
     optax.adamw equals torch's decoupled AdamW: both take lr x (m_hat / (sqrt(v_hat) + eps) + wd x p),
     with eps added after the square root of the bias-corrected second moment. Weight decay applies to
@@ -49,5 +52,6 @@ def build_optimizer(cfg, schedule: Callable) -> optax.GradientTransformation:
     opt = cfg.optimizer
     b1, b2 = (float(b) for b in opt.betas)
     return optax.adamw(
-        learning_rate=schedule, b1=b1, b2=b2, eps=float(opt.eps), weight_decay=float(opt.weight_decay)
+        learning_rate=schedule, b1=b1, b2=b2, eps=float(opt.eps),
+        weight_decay=float(opt.weight_decay) if weight_decay is None else weight_decay,
     )

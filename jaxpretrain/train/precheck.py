@@ -76,6 +76,7 @@ def check(cfg) -> None:
     check_dtype(cfg.model)
     optim.check_optimizer(cfg)  # before the schedule, which would blame lr_scheduler for a bad optimizer.lr
     schedule_lib.from_config(cfg)  # warmup below decay, a known decay style, lr bounds
+    schedule_lib.wd_from_config(cfg)  # a known increment style, 0 <= start_wd <= end_wd
     check_checkpoint_dir(cfg.checkpoint)
     check_splits(cfg)
     check_wandb(cfg.wandb)

@@ -67,11 +67,8 @@ def log_experiment(run, l2: float, run_dir: str) -> None:
     log.info("Trainable parameters: {:,}".format(run.training.n_params))
     log.info("Total parameters: {:,}".format(run.training.n_params))
     log.info("Param L2 norm: %.4f", l2)
-    s = run.training.lr_schedule
-    log.info(
-        "LR schedule: init_lr %.6g max_lr %.6g min_lr %.6g warmup %d decay %d style %s",
-        s.init_lr, s.max_lr, s.min_lr, s.warmup_steps, s.decay_steps, s.decay_style,
-    )
+    wd = run.training.wd_schedule
+    log.info("LR schedule: %s%s", run.training.lr_schedule.describe(), f"; {wd.describe()}" if wd else "")
 
 
 def model_summary(run) -> str:

@@ -1,9 +1,11 @@
-"""The learning-rate schedule of Megatron's / NeMo Automodel's `OptimizerParamScheduler`.
+"""The learning-rate and weight-decay schedules of Megatron's / NeMo Automodel's `OptimizerParamScheduler`.
 
 The scheduler is created at step 0 (lr = init_lr) and stepped after every optimizer step, so optimizer
 update k (1-based) runs at `lr(k - 1)` and the step line of step k shows `lr(k)`, as the seed's log
 does (step 1: 6.08e-05 = 6e-5 + (6e-4 - 6e-5) / 700). optax calls a schedule with the number of
 updates done so far, which is exactly `k - 1` for update k: `learning_rate_schedule` plugs in directly.
+The weight decay is stepped with it: update k decays by `wd(k - 1)`, as torch's AdamW reads the
+`weight_decay` the scheduler wrote into its parameter group.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import math
 
 from jaxpretrain.errors import ConfigError
 
-DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
+DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root", "WSD")
+# WSD (warmup-stable-decay): max_lr until the last `wsd_decay_steps` of the decay, then this anneal to min_lr.
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+WD_INCR_STYLES = ("constant", "linear", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,14 +29,27 @@ class LRSchedule:
     warmup_steps: int
     decay_steps: int
     decay_style: str = "cosine"
+    wsd_decay_steps: int | None = None  # WSD only: the anneal's length, the last steps of the decay
+    wsd_decay_style: str | None = None  # WSD only: one of WSD_DECAY_STYLES
 
     def __post_init__(self):
         if self.decay_style not in DECAY_STYLES:
             raise ConfigError(f"lr_scheduler.lr_decay_style: {self.decay_style!r} is not one of {', '.join(DECAY_STYLES)}")
+        if self.decay_style == "WSD":
+            if self.wsd_decay_style not in WSD_DECAY_STYLES:
+                raise ConfigError(
+                    f"lr_scheduler.lr_wsd_decay_style: {self.wsd_decay_style!r} is not one of {', '.join(WSD_DECAY_STYLES)} "
+                    "(lr_decay_style WSD needs one)"
+                )
+            if isinstance(self.wsd_decay_steps, bool) or not isinstance(self.wsd_decay_steps, int) or self.wsd_decay_steps <= 0:
+                raise ConfigError(
+                    f"lr_scheduler.wsd_decay_steps: {self.wsd_decay_steps!r} is not a positive number of steps "
+                    "(lr_decay_style WSD anneals over the last wsd_decay_steps of the decay)"
+                )
         if not 0.0 <= self.min_lr <= self.max_lr:
-            raise ConfigError(f"lr_scheduler.min_lr: {self.min_lr:g} is not between 0 and optimizer.lr ({self.max_lr:g})")
+            raise ConfigError(f"lr_scheduler.min_lr: {self.min_lr:g} is not between 0 and the peak lr {self.max_lr:g} (lr_scheduler.max_lr; unset: optimizer.lr)")
         if self.init_lr > self.max_lr:
-            raise ConfigError(f"lr_scheduler.init_lr: {self.init_lr:g} exceeds optimizer.lr ({self.max_lr:g})")
+            raise ConfigError(f"lr_scheduler.init_lr: {self.init_lr:g} exceeds the peak lr {self.max_lr:g} (lr_scheduler.max_lr; unset: optimizer.lr)")
         if self.warmup_steps < 0:
             raise ConfigError(f"lr_scheduler.lr_warmup_steps: {self.warmup_steps} is negative")
         if self.warmup_steps >= self.decay_steps:
@@ -54,6 +72,8 @@ class LRSchedule:
             "warmup_span": self.max_lr - self.init_lr, "warm": warm, "warmup_steps": self.warmup_steps,
             "decay_steps": self.decay_steps, "decay_span": self.decay_steps - self.warmup_steps,
             "decay_delta": self.max_lr - self.min_lr, "inv_sqrt_scale": self.max_lr * math.sqrt(warm),
+            # WSD: the anneal starts after this many steps and lasts wsd_span (1 for other styles: unused).
+            "wsd_start": self.decay_steps - (self.wsd_decay_steps or 0), "wsd_span": self.wsd_decay_steps or 1,
         }
         return {k: np.float32(v) for k, v in values.items()}
 
@@ -72,6 +92,10 @@ class LRSchedule:
             decayed = n["min_lr"] + (1.0 - ratio) * n["decay_delta"]
         elif self.decay_style == "inverse-square-root":
             decayed = jnp.maximum(n["min_lr"], n["inv_sqrt_scale"] / jnp.sqrt(jnp.maximum(step, 1.0)))
+        elif self.decay_style == "WSD":
+            wsd_ratio = jnp.clip((step - n["wsd_start"]) / n["wsd_span"], 0.0, 1.0)
+            coeff = jnp.where(step <= n["wsd_start"], 1.0, _wsd_coeff(self.wsd_decay_style, wsd_ratio, jnp))
+            decayed = n["min_lr"] + coeff * n["decay_delta"]
         else:
             decayed = jnp.asarray(n["max_lr"], jnp.float32)
         if self.decay_style != "constant":
@@ -90,21 +114,118 @@ class LRSchedule:
             return self.min_lr
         if self.decay_style == "inverse-square-root":
             return max(self.min_lr, self.max_lr * max(self.warmup_steps, 1) ** 0.5 / max(s, 1.0) ** 0.5)
+        if self.decay_style == "WSD":
+            start = self.decay_steps - self.wsd_decay_steps
+            coeff = 1.0 if s <= start else _wsd_coeff(self.wsd_decay_style, (s - start) / self.wsd_decay_steps, math)
+            return self.min_lr + coeff * (self.max_lr - self.min_lr)
         ratio = (s - self.warmup_steps) / (self.decay_steps - self.warmup_steps)
         coeff = 0.5 * (math.cos(math.pi * ratio) + 1.0) if self.decay_style == "cosine" else 1.0 - ratio
         return self.min_lr + coeff * (self.max_lr - self.min_lr)
+
+    def describe(self) -> str:
+        text = (f"init_lr {self.init_lr:.6g} max_lr {self.max_lr:.6g} min_lr {self.min_lr:.6g} warmup {self.warmup_steps} "
+                f"decay {self.decay_steps} style {self.decay_style}")
+        if self.decay_style == "WSD":
+            text += f" (anneal: last {self.wsd_decay_steps} steps, {self.wsd_decay_style})"
+        return text
+
+
+def _wsd_coeff(style: str, ratio, xp):
+    """The share of (max_lr - min_lr) left at `ratio` of WSD's anneal; xp: math, or jax.numpy when traced."""
+    if style == "linear":
+        return 1.0 - ratio
+    if style == "cosine":
+        return 0.5 * (xp.cos(math.pi * ratio) + 1.0)
+    if style == "exponential":
+        return 2.0 * 0.5**ratio - 1.0
+    return 1.0 - xp.sqrt(ratio)  # minus_sqrt
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightDecaySchedule:
+    """The weight decay of `OptimizerParamScheduler.get_wd`: start_wd rising to end_wd over incr_steps
+    updates ("linear" or "cosine"), then end_wd; "constant": start_wd = end_wd throughout."""
+
+    start_wd: float
+    end_wd: float
+    incr_steps: int
+    incr_style: str = "constant"
+
+    def __post_init__(self):
+        if self.incr_style not in WD_INCR_STYLES:
+            raise ConfigError(f"lr_scheduler.wd_incr_style: {self.incr_style!r} is not one of {', '.join(WD_INCR_STYLES)}")
+        if not 0.0 <= self.start_wd <= self.end_wd:
+            raise ConfigError(
+                f"lr_scheduler.start_wd: {self.start_wd:g} is not between 0 and end_wd ({self.end_wd:g}; "
+                "both default to optimizer.weight_decay)"
+            )
+        if self.incr_style == "constant" and self.start_wd != self.end_wd:
+            raise ConfigError(
+                f"lr_scheduler.wd_incr_style: constant, but start_wd {self.start_wd:g} differs from end_wd {self.end_wd:g} "
+                "(use linear or cosine to move between them)"
+            )
+        if self.incr_style != "constant" and self.incr_steps <= 0:
+            raise ConfigError(f"lr_scheduler.wd_incr_steps: {self.incr_steps} is not a positive number of steps")
+
+    def numbers(self) -> dict:
+        """As `LRSchedule.numbers`: an argument of the train step, so a weight-decay sweep shares one program."""
+        import numpy as np
+
+        values = {"start_wd": self.start_wd, "end_wd": self.end_wd, "incr_steps": max(self.incr_steps, 1),
+                  "delta_wd": self.end_wd - self.start_wd}
+        return {k: np.float32(v) for k, v in values.items()}
+
+    def __call__(self, step, numbers: dict | None = None):
+        """Weight decay after `step` scheduler steps (the decay of update step + 1), on traced jax scalars too."""
+        import jax.numpy as jnp
+
+        n = self.numbers() if numbers is None else numbers
+        if self.incr_style == "constant":
+            return jnp.asarray(n["end_wd"], jnp.float32)
+        step = jnp.asarray(step, jnp.float32)
+        ratio = jnp.clip(step / n["incr_steps"], 0.0, 1.0)
+        coeff = ratio if self.incr_style == "linear" else 0.5 * (jnp.cos(math.pi * (1.0 - ratio)) + 1.0)
+        return jnp.where(step > n["incr_steps"], n["end_wd"], n["start_wd"] + coeff * n["delta_wd"])
+
+    def value(self, step: int) -> float:
+        """The same in float64 Python arithmetic, as Megatron computes it."""
+        if step > self.incr_steps or self.incr_style == "constant":
+            return self.end_wd
+        ratio = step / self.incr_steps
+        coeff = ratio if self.incr_style == "linear" else 0.5 * (math.cos(math.pi * (1 - ratio)) + 1.0)
+        return self.start_wd + coeff * (self.end_wd - self.start_wd)
+
+    def describe(self) -> str:
+        if self.incr_style == "constant":
+            return f"weight decay {self.end_wd:g}"
+        return f"weight decay {self.start_wd:g} -> {self.end_wd:g} over {self.incr_steps} steps ({self.incr_style})"
 
 
 def from_config(cfg) -> LRSchedule:
     """Build the schedule from the `optimizer`, `lr_scheduler` and `step_scheduler` config sections."""
     lr = float(cfg.optimizer.lr)
-    init_lr = cfg.lr_scheduler.init_lr
-    decay_steps = cfg.lr_scheduler.lr_decay_steps
+    r = cfg.lr_scheduler
+    max_lr = r.get("max_lr")
     return LRSchedule(
-        init_lr=0.1 * lr if init_lr is None else float(init_lr),
-        max_lr=lr,
-        min_lr=float(cfg.lr_scheduler.min_lr),
-        warmup_steps=int(cfg.lr_scheduler.lr_warmup_steps),
-        decay_steps=int(cfg.step_scheduler.max_steps if decay_steps is None else decay_steps),
-        decay_style=cfg.lr_scheduler.lr_decay_style,
+        init_lr=0.1 * lr if r.init_lr is None else float(r.init_lr),
+        max_lr=lr if max_lr is None else float(max_lr),
+        min_lr=float(r.min_lr),
+        warmup_steps=int(r.lr_warmup_steps),
+        decay_steps=int(cfg.step_scheduler.max_steps if r.lr_decay_steps is None else r.lr_decay_steps),
+        decay_style=r.lr_decay_style,
+        wsd_decay_steps=r.get("wsd_decay_steps"),
+        wsd_decay_style=r.get("lr_wsd_decay_style"),
+    )
+
+
+def wd_from_config(cfg) -> WeightDecaySchedule:
+    """The weight-decay schedule: lr_scheduler's start_wd/end_wd (unset: optimizer.weight_decay),
+    wd_incr_steps (unset: step_scheduler.max_steps) and wd_incr_style."""
+    r, wd = cfg.lr_scheduler, float(cfg.optimizer.weight_decay)
+    start, end, steps = r.get("start_wd"), r.get("end_wd"), r.get("wd_incr_steps")
+    return WeightDecaySchedule(
+        start_wd=wd if start is None else float(start),
+        end_wd=wd if end is None else float(end),
+        incr_steps=int(cfg.step_scheduler.max_steps if steps is None else steps),
+        incr_style=r.get("wd_incr_style", "constant"),
     )

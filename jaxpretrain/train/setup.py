@@ -156,6 +156,7 @@ class Training:
     train_step: object
     eval_step: object
     n_params: int
+    wd_schedule: schedule_lib.WeightDecaySchedule | None = None
 
     def flops_per_token(self, seq_len: int) -> float:
         return M.flops_per_token(self.hf_config, seq_len)
@@ -175,7 +176,7 @@ def build_training(cfg, mesh, plan: BatchPlan, hf_config=None) -> Training:
     n_params = M.param_count(model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     del model
-    lr_schedule = schedule_lib.from_config(cfg)
+    lr_schedule, wd_schedule = schedule_lib.from_config(cfg), schedule_lib.wd_from_config(cfg)
     optimizer = build_optimizer(cfg, lr_schedule)  # its state and shardings; the step builds its own
     param_shardings = jax.tree.map(lambda a: a.sharding, params)
     # AdamW's moments take their parameter's sharding; scalars (the update count) are replicated.
@@ -187,7 +188,7 @@ def build_training(cfg, mesh, plan: BatchPlan, hf_config=None) -> Training:
     state_shardings = {"params": param_shardings, "opt_state": opt_shardings}
     batch_sharding = parallel.batch_sharding(mesh)
     train_step = make_train_step(
-        graphdef, rest, functools.partial(build_optimizer, cfg), lr_schedule, mesh=mesh, data_axes=parallel.DATA_AXES, grad_accum=plan.grad_accum,
+        graphdef, rest, functools.partial(build_optimizer, cfg), lr_schedule, wd_schedule=wd_schedule, mesh=mesh, data_axes=parallel.DATA_AXES, grad_accum=plan.grad_accum,
         max_grad_norm=float(cfg.optimizer.max_grad_norm), dropout_seed=int(cfg.rng.seed),
         deterministic=not M.family_of(hf_config).dropout_active(hf_config), state_shardings=state_shardings,
         batch_sharding=batch_sharding, loss_chunk_size=loss_chunk_size(cfg),
@@ -196,7 +197,7 @@ def build_training(cfg, mesh, plan: BatchPlan, hf_config=None) -> Training:
         graphdef, rest, mesh=mesh, param_shardings=param_shardings, batch_sharding=batch_sharding,
         loss_chunk_size=loss_chunk_size(cfg),
     )
-    return Training(hf_config, graphdef, rest, state, state_shardings, lr_schedule, train_step, eval_step, n_params)
+    return Training(hf_config, graphdef, rest, state, state_shardings, lr_schedule, train_step, eval_step, n_params, wd_schedule)
 
 
 def check_memory(cfg, training: Training, plan: BatchPlan, mesh) -> None:

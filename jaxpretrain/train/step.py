@@ -64,26 +64,27 @@ def schedule_count(opt_state, default):
 
 
 class TrainStep:
-    """`train_step(state, batch, step) -> (state, metrics)`: the jitted step with the LR schedule's
-    numbers bound (already on the devices). `lower` takes the same arguments, for ahead-of-time
-    compilation and cost analysis."""
+    """`train_step(state, batch, step) -> (state, metrics)`: the jitted step with the schedules'
+    numbers bound (`numbers`: {"lr": ..., "wd": ...}, already on the devices). `lower` takes the same
+    arguments, for ahead-of-time compilation and cost analysis."""
 
-    def __init__(self, jitted, lr_numbers):
-        self.jitted, self.lr_numbers = jitted, lr_numbers
+    def __init__(self, jitted, numbers):
+        self.jitted, self.numbers = jitted, numbers
 
     def __call__(self, state, batch, step):
-        return self.jitted(state, batch, step, self.lr_numbers)
+        return self.jitted(state, batch, step, self.numbers)
 
     def lower(self, state, batch, step):
-        return self.jitted.lower(state, batch, step, self.lr_numbers)
+        return self.jitted.lower(state, batch, step, self.numbers)
 
 
 def make_train_step(
     graphdef,
     rest,
-    optimizer_for: Callable[[Callable], optax.GradientTransformation],
+    optimizer_for: Callable[..., optax.GradientTransformation],
     lr_schedule,
     *,
+    wd_schedule=None,
     mesh,
     data_axes,
     grad_accum: int,
@@ -98,9 +99,10 @@ def make_train_step(
 
     `state` is {"params": nnx.State, "opt_state": optax state}; `step` is the 0-based optimizer step,
     which keys dropout (fold_in(seed, step, micro)) so a resumed run draws the same masks.
-    `optimizer_for(schedule)` builds the optimizer around a schedule; `lr_schedule`
-    (train/schedule.py) enters the program through its numbers, an argument of the step, so the
-    compiled step (and the persistent compilation cache's entry) does not depend on them.
+    `optimizer_for(schedule, weight_decay)` builds the optimizer around a learning-rate schedule and
+    this update's weight decay; `lr_schedule` and `wd_schedule` (train/schedule.py; None: the
+    optimizer's constant weight decay) enter the program through their numbers, an argument of the
+    step, so the compiled step (and the persistent compilation cache's entry) does not depend on them.
     """
 
     def loss_fn(params, micro, key, denom):
@@ -108,8 +110,10 @@ def make_train_step(
         ce_sum, _ = model_ce_sum(model, micro, chunk_size=loss_chunk_size, deterministic=deterministic, rngs=key)
         return ce_sum / denom
 
-    def step_body(state, batch, step, lr_numbers):
-        optimizer = optimizer_for(lambda count: lr_schedule(count, lr_numbers))
+    def step_body(state, batch, step, numbers):
+        # This update's weight decay, at the count the LR schedule is called with (updates done so far).
+        weight_decay = None if wd_schedule is None else wd_schedule(schedule_count(state["opt_state"], step), numbers["wd"])
+        optimizer = optimizer_for(lambda count: lr_schedule(count, numbers["lr"]), weight_decay)
         params = state["params"]
         denom = jnp.maximum(num_label_tokens(batch["labels"]), 1).astype(jnp.float32)
         micro = {k: split_microbatches(v, grad_accum, mesh, data_axes) for k, v in batch.items()}
@@ -146,10 +150,10 @@ def make_train_step(
         }
         return new_state, metrics
 
-    def train_step(state, batch, step, lr_numbers):  # the name profiles and compile logs show: jit(train_step)
+    def train_step(state, batch, step, numbers):  # the name profiles and compile logs show: jit(train_step)
         # Under the mesh, the model's logical activation constraints (parallel.constrain) apply.
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return step_body(state, batch, step, lr_numbers)
+            return step_body(state, batch, step, numbers)
 
     replicated = NamedSharding(mesh, P())
     jitted = jax.jit(
@@ -158,7 +162,8 @@ def make_train_step(
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )
-    return TrainStep(jitted, jax.device_put(lr_schedule.numbers(), replicated))
+    numbers = {"lr": lr_schedule.numbers(), "wd": {} if wd_schedule is None else wd_schedule.numbers()}
+    return TrainStep(jitted, jax.device_put(numbers, replicated))
 
 
 def make_eval_step(graphdef, rest, *, mesh, param_shardings, batch_sharding, loss_chunk_size: int | None = None):
