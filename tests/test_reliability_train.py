@@ -323,6 +323,8 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(work, good
     again = train(work, ckpt, **{"step_scheduler.max_steps": 6})
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "at step 4 (newest complete checkpoint)" in again.stdout
+    # max_steps 4 -> 6: the resumed run says how its schedule differs from the checkpoint's.
+    assert "Schedule changed since the checkpoint: decay_steps 4 -> 6; the config's values apply from step 5 on" in again.stdout
     healthy = {int(m.group(1)): m.group(2) for m in map(STEP.search, again.stdout.splitlines()) if m}
     assert healthy[5] == blown[5] and sorted(healthy) == [5, 6]
 

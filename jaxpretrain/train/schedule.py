@@ -229,3 +229,27 @@ def wd_from_config(cfg) -> WeightDecaySchedule:
         incr_steps=int(cfg.step_scheduler.max_steps if steps is None else steps),
         incr_style=r.get("wd_incr_style", "constant"),
     )
+
+
+def changes_since(saved_config: dict, cfg) -> list[str]:
+    """The schedule values in which `cfg` differs from the config a checkpoint was saved with (its
+    meta's "config"), as "name old -> new": a resumed run follows the config's schedule from the next
+    update on (NeMo keeps the checkpoint's unless override_opt_param_scheduler), so a changed
+    max_steps, lr or warmup is said once at resume rather than seen later in the lr column."""
+    import ml_collections
+
+    try:
+        saved = ml_collections.ConfigDict(saved_config)
+        before = {**dataclasses.asdict(from_config(saved)), **_prefixed(wd_from_config(saved))}
+    except (AttributeError, KeyError, TypeError, ValueError):  # a checkpoint of a config we cannot read back: say nothing
+        return []
+    now = {**dataclasses.asdict(from_config(cfg)), **_prefixed(wd_from_config(cfg))}
+    return [f"{k} {before[k]:g} -> {now[k]:g}" if isinstance(now[k], float) and isinstance(before[k], float)
+            else f"{k} {before[k]} -> {now[k]}" for k in now if before.get(k) != now[k]]
+
+
+def _prefixed(wd: WeightDecaySchedule) -> dict:
+    """The weight-decay values that matter: only the decay itself when it is constant."""
+    if wd.incr_style == "constant":
+        return {"weight_decay": wd.end_wd}
+    return {"start_wd": wd.start_wd, "end_wd": wd.end_wd, "wd_incr_steps": wd.incr_steps, "wd_incr_style": wd.incr_style}

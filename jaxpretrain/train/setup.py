@@ -324,6 +324,10 @@ def setup(cfg, source: str | None = None) -> Run:
             state = {"params": restored["params"], "opt_state": restored["opt_state"]}
             start_step = latest
             log.info(ckpt.resume_message(latest))
+            changed = schedule_lib.changes_since(ckpt.restore_meta(latest).get("config", {}), cfg)
+            if changed:
+                log.info("Schedule changed since the checkpoint: %s; the config's values apply from step %d on",
+                         ", ".join(changed), latest + 1)
         elif ckpt.incomplete:
             log.info("Starting at step 1: no complete checkpoint in %s (%s incomplete and ignored)",
                      ckpt.directory, ", ".join(map(str, ckpt.incomplete)))
