@@ -74,6 +74,10 @@ def test_yaml_overrides_and_torch_defaults(tmp_path):
         ("model:\n  config:\n    pretrained_model_name_or_path: gpt2\n    n_layers: 5\n", "model.config.n_layers: not a model field"),
         ("model:\n  config:\n    pretrained_model_name_or_path: gpt2\ndataset:\n  splits_to_build: validation\n",
          "dataset.splits_to_build: 'validation': this section builds 'train'"),
+        ("model:\n  config:\n    pretrained_model_name_or_path: gpt2\nlr_scheduler:\n  use_checkpoint_opt_param_scheduler: true\n",
+         "lr_scheduler.use_checkpoint_opt_param_scheduler: only override_opt_param_scheduler: true with use_checkpoint_opt_param_scheduler: false"),
+        ("model:\n  config:\n    pretrained_model_name_or_path: gpt2\nlr_scheduler:\n  lr_decay_style: WSD\n  wsd_decay_step: 5\n",
+         "lr_scheduler.wsd_decay_step: not supported (supported: lr_decay_style, lr_warmup_steps"),
         ("model: [1\n", "not valid YAML"),
     ],
 )

@@ -169,7 +169,8 @@ optimizer:
         None,  # no scheduler in NeMo: a constant lr
         {},
         {"lr_decay_style": "cosine"},  # NeMo's min_lr (0.01 x lr) and warmup (max_steps // 10), not the seed's
-        {"lr_warmup_steps": 7, "lr_decay_style": "linear", "min_lr": 0.0, "max_lr": 5.0e-4},
+        {"lr_warmup_steps": 7, "lr_decay_style": "linear", "min_lr": 0.0, "max_lr": 5.0e-4,
+         "override_opt_param_scheduler": True, "use_checkpoint_opt_param_scheduler": False},
         {"lr_decay_style": "WSD", "wsd_decay_steps": 20, "lr_wsd_decay_style": "cosine", "start_wd": 0.0,
          "end_wd": 0.2, "wd_incr_style": "linear", "wd_incr_steps": 30},
     ],

@@ -292,6 +292,8 @@ class _Recipe:
             if node.get("amsgrad"):
                 raise self.error("optimizer.amsgrad", "AMSGrad is not supported (AdamW as torch computes it without it)")
             node.pop("amsgrad", None)
+        if section == "lr_scheduler":
+            node = self.resume_policy(node)
         if section == "checkpoint":
             fmt = node.get("model_save_format")
             if fmt not in (None, "torch_save", "safetensors"):
@@ -309,6 +311,19 @@ class _Recipe:
                 self.notes.append(f"{section}.{key}")
             else:
                 self.set(fields[key], value, f"{section}.{key}")
+
+    def resume_policy(self, node: dict) -> dict:
+        """NeMo's two resume flags. A resumed run here always follows the config's schedule (and logs
+        what changed since the checkpoint): NeMo's `override_opt_param_scheduler: true` with
+        `use_checkpoint_opt_param_scheduler: false`, the one combination accepted besides neither."""
+        node = dict(node)
+        flags = {k: node.pop(k) for k in ("override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler") if k in node}
+        if flags and flags != {"override_opt_param_scheduler": True, "use_checkpoint_opt_param_scheduler": False}:
+            raise self.error(
+                f"lr_scheduler.{next(iter(flags))}", "only override_opt_param_scheduler: true with use_checkpoint_opt_param_scheduler: "
+                "false is supported (a resumed run follows the config's schedule and logs what changed since the checkpoint)"
+            )
+        return node
 
     def dataset(self, section: str, node: dict) -> None:
         self.target(section, node, section, TARGETS["dataset"])
