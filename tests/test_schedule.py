@@ -130,9 +130,10 @@ def test_schedule_on_traced_numbers_is_the_float32_schedule(style):
 
 
 def test_one_compiled_train_step_serves_every_schedule():
-    """Two runs that differ only in lr, warmup and max_steps lower to the same program (one entry of
-    the persistent compilation cache), and each still applies its own learning rate: AdamW's first
-    update is lr x (m / (sqrt(v) + eps) + wd x p), so twice the init_lr moves every weight twice as far."""
+    """Two runs that differ only in lr, warmup and max_steps (or weight decay) lower to the same
+    program (one entry of the persistent compilation cache), and each still applies its own learning
+    rate: AdamW's first update is lr x (m / (sqrt(v) + eps) + wd x p), so twice the init_lr moves
+    every weight twice as far."""
     import jax
     import jax.numpy as jnp
 
@@ -140,8 +141,10 @@ def test_one_compiled_train_step_serves_every_schedule():
 
     *_, a, batch = tiny_training(4, max_steps=100, lr=1e-3, warmup=10)
     *_, b, _ = tiny_training(4, max_steps=37, lr=2e-3, warmup=3)
+    *_, c, _ = tiny_training(4, max_steps=100, lr=1e-3, warmup=10, weight_decay=0.03)
     step0 = jnp.int32(0)
-    assert a.train_step.lower(a.state, batch, step0).as_text() == b.train_step.lower(b.state, batch, step0).as_text()
+    text = a.train_step.lower(a.state, batch, step0).as_text()
+    assert text == b.train_step.lower(b.state, batch, step0).as_text() == c.train_step.lower(c.state, batch, step0).as_text()
     before = [np.array(x) for x in jax.tree.leaves(a.state["params"])]
     moved = {}
     for name, t in (("a", a), ("b", b)):

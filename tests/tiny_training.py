@@ -10,7 +10,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_training(local_batch_size: int = 2, max_steps: int | None = None, lr: float | None = None, warmup: int | None = None):
+def tiny_training(local_batch_size: int = 2, max_steps: int | None = None, lr: float | None = None, warmup: int | None = None,
+                  weight_decay: float | None = None):
     """(cfg, mesh, plan, training, batch): `setup.build_training` of the `tiny` preset shrunk to one
     layer; `lr` also sets init_lr to lr / 10. The batch is random token ids, the same every call."""
     sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -32,6 +33,8 @@ def tiny_training(local_batch_size: int = 2, max_steps: int | None = None, lr: f
             cfg.optimizer.lr, cfg.lr_scheduler.init_lr = lr, lr / 10
         if warmup is not None:
             cfg.lr_scheduler.lr_warmup_steps = warmup
+        if weight_decay is not None:
+            cfg.optimizer.weight_decay = weight_decay
     mesh = setup.make_mesh(cfg)
     plan = setup.plan_batches(cfg, parallel.data_parallel_size(mesh))
     t = setup.build_training(cfg, mesh, plan)
