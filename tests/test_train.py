@@ -92,6 +92,18 @@ def test_train_logs_the_seed_lines_and_loss_falls(baseline_run):
     assert "Processes: launch: single process | process 0 of 1 | local devices 1 (cpu) | global devices 1" in out
 
 
+def test_validate_on_checkpoint_false_validates_only_every_val_every_steps(corpus, tmp_path):
+    """NeMo's step_scheduler.validate_on_checkpoint: false: checkpoints every 3 steps and at the last
+    (6) cost no validation; val_every_steps (4) still runs."""
+    ckpt = str(tmp_path / "ckpt")
+    o = tiny_overrides(corpus, ckpt, **{"step_scheduler.max_steps": 6, "step_scheduler.ckpt_every_steps": 3,
+                                        "step_scheduler.validate_on_checkpoint": False})
+    r = python("-m", "jaxpretrain.train", *as_flags(o))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [int(m.group(1)) for m in map(VAL_LINE.search, r.stdout.splitlines()) if m] == [4]
+    assert sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) == [3, 6]
+
+
 @pytest.mark.parametrize("step", [None, 6])
 def test_export_scores_validation_at_the_logged_loss(baseline_run, corpus, tmp_path, step):
     """The exported HF directory (the newest checkpoint, or `--step 6`), in transformers' torch GPT-2,

@@ -52,6 +52,7 @@ TORCH_ADAMW_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_
 def nemo_scheduler_defaults(lr: float, max_steps: int) -> dict:
     return {"min_lr": 0.01 * lr, "lr_warmup_steps": min(1000, max_steps // 10), "lr_decay_style": "cosine"}
 
+
 # section -> {key: our field}; keys mapped to None are accepted and noted (no effect in JAX).
 FIELDS = {
     "step_scheduler": {
@@ -59,6 +60,8 @@ FIELDS = {
         "local_batch_size": "step_scheduler.local_batch_size",
         "ckpt_every_steps": "step_scheduler.ckpt_every_steps",
         "val_every_steps": "step_scheduler.val_every_steps",
+        "validate_on_checkpoint": "step_scheduler.validate_on_checkpoint",
+        "gc_every_steps": None,  # torch's host memory; JAX frees device buffers as their arrays die
         "num_epochs": "step_scheduler.num_epochs",
         "max_steps": "step_scheduler.max_steps",
         "log_remote_every_steps": None,

@@ -89,6 +89,9 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     s.ckpt_every_steps = 1000
     # Run validation every this many steps (0: never).
     s.val_every_steps = 250
+    # Validate at every checkpoint step too (the last step included), as NeMo's StepScheduler does;
+    # false: only every val_every_steps (frequent checkpoints for preemption then cost no validation).
+    s.validate_on_checkpoint = True
     # Passes over the train split; the run ends at max_steps or when the data runs out.
     s.num_epochs = 1
     # Optimizer steps of the whole run; also the length of the LR schedule.

@@ -257,7 +257,7 @@ class Trainer:
             if is_val or is_ckpt or is_eval:
                 self.report(*pending)
                 pending = None
-                if is_val or (is_ckpt and r.data.validation is not None and not stopping):
+                if is_val or (is_ckpt and ss.get("validate_on_checkpoint", True) and r.data.validation is not None and not stopping):
                     self.validate(step)
                 if is_eval:
                     self.evaluate_hellaswag(step)
