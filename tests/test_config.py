@@ -41,7 +41,8 @@ def test_seed_yaml_is_the_124m_preset_field_for_field():
     assert yaml_cfg == preset
     # And the values are the seed's (not just equal to each other).
     assert preset["step_scheduler"] == {
-        "global_batch_size": 512, "local_batch_size": 32, "ckpt_every_steps": 1000, "val_every_steps": 250,
+        "global_batch_size": 512, "local_batch_size": 32, "ckpt_every_steps": 1000, "save_checkpoint_every_epoch": True,
+        "val_every_steps": 250,
         "validate_on_checkpoint": True, "num_epochs": 1, "max_steps": 18500,
     }
     assert (preset["optimizer"]["lr"], preset["optimizer"]["betas"], preset["optimizer"]["weight_decay"]) == (6e-4, [0.9, 0.95], 0.1)

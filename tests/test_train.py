@@ -248,13 +248,14 @@ def test_bad_config_is_one_clear_line(flags, expected, corpus, tmp_path):
 
 def test_epochs_sample_count_sync_saves_and_a_finished_rerun(corpus, tmp_path):
     """dataset.num_train_samples (3 global batches) x step_scheduler.num_epochs 2 ends the run at step 6
-    whatever max_steps says, the second epoch numbered as such; synchronous saves
+    whatever max_steps says, the second epoch numbered as such; a checkpoint at the end of each epoch
+    (save_checkpoint_every_epoch, NeMo's default), validated (validate_on_checkpoint); synchronous saves
     (checkpoint.async_save=False) and validation_dataset.global_batch_size are honoured; rerunning
     the finished run trains nothing and says so."""
     ckpt = str(tmp_path / "ckpt")
     o = tiny_overrides(corpus, ckpt, **{
         "dataset.num_train_samples": 3 * 8, "step_scheduler.num_epochs": 2, "step_scheduler.max_steps": 50,
-        "step_scheduler.ckpt_every_steps": 3, "step_scheduler.val_every_steps": 3, "checkpoint.async_save": False,
+        "step_scheduler.ckpt_every_steps": 100, "step_scheduler.val_every_steps": 100, "checkpoint.async_save": False,
         "validation_dataset.global_batch_size": 2, "model.dropout": 0.0,
     })
     r = python("-m", "jaxpretrain.train", *as_flags(o))

@@ -61,6 +61,7 @@ FIELDS = {
         "ckpt_every_steps": "step_scheduler.ckpt_every_steps",
         "val_every_steps": "step_scheduler.val_every_steps",
         "validate_on_checkpoint": "step_scheduler.validate_on_checkpoint",
+        "save_checkpoint_every_epoch": "step_scheduler.save_checkpoint_every_epoch",
         "gc_every_steps": None,  # torch's host memory; JAX frees device buffers as their arrays die
         "num_epochs": "step_scheduler.num_epochs",
         "max_steps": "step_scheduler.max_steps",

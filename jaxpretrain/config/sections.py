@@ -87,6 +87,8 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     s.local_batch_size = 32
     # Save a checkpoint every this many steps (and at the last step, and on SIGTERM).
     s.ckpt_every_steps = 1000
+    # Also save one at the end of every epoch (NeMo's StepScheduler default; matters with num_epochs > 1).
+    s.save_checkpoint_every_epoch = True
     # Run validation every this many steps (0: never).
     s.val_every_steps = 250
     # Validate at every checkpoint step too (the last step included), as NeMo's StepScheduler does;
