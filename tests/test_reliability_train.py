@@ -329,6 +329,20 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(work, good
     assert healthy[5] == blown[5] and sorted(healthy) == [5, 6]
 
 
+def test_resuming_with_another_global_batch_is_one_error_before_any_work(work, good_checkpoint):
+    """The data position is a count of global batches: another global batch would skip or repeat
+    samples, so it is refused, naming the checkpoint and both values; another micro-batch is fine."""
+    r = train(work, good_checkpoint, **{"step_scheduler.global_batch_size": 16, "step_scheduler.max_steps": 6})
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    line = one_error_line(r)
+    assert line.startswith(f"error: step_scheduler.global_batch_size: the checkpoint at {good_checkpoint}/4 was trained with 8, "
+                           "this config 16;"), line
+    assert "Train data:" not in r.stdout and on_disk(good_checkpoint) == ([2, 4], [])  # before any data work
+    again = train(work, good_checkpoint, **{"step_scheduler.local_batch_size": 2, "step_scheduler.max_steps": 6})
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "at step 4 (newest complete checkpoint)" in again.stdout
+
+
 def test_nonfinite_steps_are_skipped_up_to_the_limit_each_logged(work, good_checkpoint):
     r = train(work, good_checkpoint, **huge_lr(1e30), **{"optimizer.skip_nonfinite_steps": 2, "step_scheduler.ckpt_every_steps": 100})
     assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]

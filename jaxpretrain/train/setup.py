@@ -366,6 +366,7 @@ def check_resumable(cfg, hf_config) -> None:
         meta = ckpt.restore_meta(latest)
     finally:
         ckpt.close()
+    _check_same_global_batch(meta, cfg, f"{directory}/{latest}")
     theirs = M.config_from(meta["model_config"])
     ours_shapes = _param_shapes(hf_config, int(cfg.model.vocab_multiple))
     theirs_shapes = _param_shapes(theirs, int(meta["config"]["model"].get("vocab_multiple", 1)))
@@ -383,6 +384,20 @@ def check_resumable(cfg, hf_config) -> None:
             )
     vm = meta["config"]["model"].get("vocab_multiple")
     raise UserError(f"model.vocab_multiple: the checkpoint at {directory}/{latest} has {vm}, this config {cfg.model.vocab_multiple}; {hint}")
+
+
+def _check_same_global_batch(meta: dict, cfg, where: str) -> None:
+    """The loader's position is a count of global batches (data/loader.py): resumed with another
+    global batch it would continue at another sample than the one the run stopped before, skipping or
+    repeating data. Micro-batch, accumulation, devices and processes may change; the global batch not."""
+    theirs = (meta.get("config", {}).get("step_scheduler") or {}).get("global_batch_size")
+    ours = int(cfg.step_scheduler.global_batch_size)
+    if theirs is not None and int(theirs) != ours:
+        raise UserError(
+            f"step_scheduler.global_batch_size: the checkpoint at {where} was trained with {theirs}, this config {ours}; "
+            "its data position counts global batches, so resuming with another would skip or repeat samples. Resume with "
+            f"{theirs} (local_batch_size and the device count may change), or use another checkpoint.checkpoint_dir"
+        )
 
 
 def _param_shapes(hf_config, vocab_multiple: int) -> dict:
