@@ -1,0 +1,75 @@
+"""Whether the checkpoint in checkpoint_dir can be resumed by this config, checked before any data or
+compile work: the same model shapes (the first differing field named) and the same global batch."""
+
+from __future__ import annotations
+
+import os
+
+from flax import nnx
+
+import jaxpretrain.model as M
+from jaxpretrain.errors import UserError
+from jaxpretrain.train.checkpoint import TrainCheckpointer
+
+
+def check_resumable(cfg, hf_config) -> None:
+    """A checkpoint in checkpoint_dir must hold the model this config builds: name the first field
+    that differs (from the checkpoint's own record of its config) instead of failing inside Orbax."""
+    directory = cfg.checkpoint.checkpoint_dir
+    if not os.path.isdir(directory):
+        return
+    ckpt = TrainCheckpointer(directory, read_only=True)
+    try:
+        latest = ckpt.latest_step()
+        if latest is None:
+            return
+        meta = ckpt.restore_meta(latest)
+    finally:
+        ckpt.close()
+    _check_same_global_batch(meta, cfg, f"{directory}/{latest}")
+    theirs = M.config_from(meta["model_config"])
+    ours_shapes = _param_shapes(hf_config, int(cfg.model.vocab_multiple))
+    theirs_shapes = _param_shapes(theirs, int(meta["config"]["model"].get("vocab_multiple", 1)))
+    if ours_shapes == theirs_shapes:
+        return
+    hint = f"resume needs the same model; for a new run use another checkpoint.checkpoint_dir (not {directory})"
+    mine, saved = hf_config.to_dict(), theirs.to_dict()
+    if M.family_of(hf_config) is not M.family_of(theirs):
+        raise UserError(f"model: the checkpoint at {directory}/{latest} is a {saved.get('model_type')} model, this config a {mine.get('model_type')}; {hint}")
+    ignore = {"architectures", "transformers_version", "_name_or_path"}
+    for key in sorted(set(mine) | set(saved)):
+        if key not in ignore and mine.get(key) != saved.get(key) and _affects_shapes(hf_config, key, saved.get(key), cfg):
+            raise UserError(
+                f"model.{key}: the checkpoint at {directory}/{latest} has {key}={saved.get(key)!r}, this config {mine.get(key)!r}; {hint}"
+            )
+    vm = meta["config"]["model"].get("vocab_multiple")
+    raise UserError(f"model.vocab_multiple: the checkpoint at {directory}/{latest} has {vm}, this config {cfg.model.vocab_multiple}; {hint}")
+
+
+def _check_same_global_batch(meta: dict, cfg, where: str) -> None:
+    """The loader's position is a count of global batches (data/loader.py): resumed with another
+    global batch it would continue at another sample than the one the run stopped before, skipping or
+    repeating data. Micro-batch, accumulation, devices and processes may change; the global batch not."""
+    theirs = (meta.get("config", {}).get("step_scheduler") or {}).get("global_batch_size")
+    ours = int(cfg.step_scheduler.global_batch_size)
+    if theirs is not None and int(theirs) != ours:
+        raise UserError(
+            f"step_scheduler.global_batch_size: the checkpoint at {where} was trained with {theirs}, this config {ours}; "
+            "its data position counts global batches, so resuming with another would skip or repeat samples. Resume with "
+            f"{theirs} (local_batch_size and the device count may change), or use another checkpoint.checkpoint_dir"
+        )
+
+
+def _param_shapes(hf_config, vocab_multiple: int) -> dict:
+    _, abstract = M.abstract_model(hf_config, vocab_multiple=vocab_multiple)
+    return {path: tuple(v.shape) for path, v in nnx.to_flat_state(abstract)}
+
+
+def _affects_shapes(hf_config, key, value, cfg) -> bool:
+    """Whether setting `key` to the checkpoint's value changes the parameter shapes of this config."""
+    trial = M.config_from(hf_config.to_dict())
+    try:
+        setattr(trial, key, value)
+        return _param_shapes(trial, int(cfg.model.vocab_multiple)) != _param_shapes(hf_config, int(cfg.model.vocab_multiple))
+    except Exception:  # a value this config class cannot take: it differs, and it matters
+        return True
