@@ -329,18 +329,33 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(work, good
     assert healthy[5] == blown[5] and sorted(healthy) == [5, 6]
 
 
-def test_resuming_with_another_global_batch_is_one_error_before_any_work(work, good_checkpoint):
-    """The data position is a count of global batches: another global batch would skip or repeat
-    samples, so it is refused, naming the checkpoint and both values; another micro-batch is fine."""
-    r = train(work, good_checkpoint, **{"step_scheduler.global_batch_size": 16, "step_scheduler.max_steps": 6})
-    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
-    line = one_error_line(r)
-    assert line.startswith(f"error: step_scheduler.global_batch_size: the checkpoint at {good_checkpoint}/4 was trained with 8, "
-                           "this config 16;"), line
-    assert "Train data:" not in r.stdout and on_disk(good_checkpoint) == ([2, 4], [])  # before any data work
-    again = train(work, good_checkpoint, **{"step_scheduler.local_batch_size": 2, "step_scheduler.max_steps": 6})
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "at step 4 (newest complete checkpoint)" in again.stdout
+def test_another_global_batch_resumes_at_the_next_sample_or_is_one_error(work, healthy_run, tmp_path):
+    """The data position counts global batches. Resumed with a global batch of 16 after 4 steps of 8,
+    the run continues at sample 32, as Megatron's sampler continues from its consumed samples: with a
+    negligible lr (the weights stay the step-4 ones) and dropout off, each step's loss is the mean of
+    two steps' losses of a resume that keeps batches of 8. A batch that 32 samples do not fill
+    exactly (12) is one error before any data work; another micro-batch is always fine."""
+    import shutil
+
+    still = {**huge_lr(1e-12), "model.dropout": 0.0, "step_scheduler.ckpt_every_steps": 100}
+    kept = train(work, shutil.copytree(healthy_run, tmp_path / "kept"), **still, **{
+        "step_scheduler.max_steps": 8, "step_scheduler.local_batch_size": 2})
+    assert kept.returncode == 0, kept.stdout[-3000:] + kept.stderr[-3000:]
+    moved_dir = shutil.copytree(healthy_run, tmp_path / "moved")
+    moved = train(work, moved_dir, **still, **{"step_scheduler.max_steps": 6, "step_scheduler.global_batch_size": 16})
+    assert moved.returncode == 0, moved.stdout[-3000:] + moved.stderr[-3000:]
+    assert "Global batch 8 -> 16 since the checkpoint: the data continues at sample 32 (4 steps x 8)" in moved.stdout
+    a, b = logged_losses(tmp_path / "kept"), logged_losses(moved_dir)
+    assert sorted(a) == list(range(1, 9)) and sorted(b) == list(range(1, 7))
+    np.testing.assert_allclose([b[5], b[6]], [(a[5] + a[6]) / 2, (a[7] + a[8]) / 2], rtol=1e-5)
+    assert abs(a[5] - a[7]) > 1e-3  # the samples differ: a test of something
+
+    bad = train(work, shutil.copytree(healthy_run, tmp_path / "bad"), **{"step_scheduler.global_batch_size": 12, "step_scheduler.max_steps": 6})
+    assert bad.returncode == 2, bad.stdout[-3000:] + bad.stderr[-3000:]
+    line = one_error_line(bad)
+    assert line.startswith(f"error: step_scheduler.global_batch_size: the checkpoint at {tmp_path / 'bad'}/4 was trained with 8, "
+                           "this config 12; its 32 consumed samples (4 steps x 8) are not a whole number of batches of 12"), line
+    assert "Train data:" not in bad.stdout and on_disk(tmp_path / "bad") == ([2, 4], [])
 
 
 def test_nonfinite_steps_are_skipped_up_to_the_limit_each_logged(work, good_checkpoint):

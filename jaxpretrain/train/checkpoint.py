@@ -198,23 +198,33 @@ class TrainCheckpointer:
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def restore(self, step: int, *, params, opt_state, data_iterator) -> dict:
+    def restore(self, step: int, *, params, opt_state, data_iterator, batch_ratio: tuple[int, int] | None = None) -> dict:
         """Restores into the shardings of `params`/`opt_state` (arrays or ShapeDtypeStructs) and
         moves `data_iterator` to the saved position; returns the restored items. The checkpoint may
-        come from another number of processes or another mesh (see the module docstring)."""
+        come from another number of processes or another mesh (see the module docstring).
+        `batch_ratio` (saved global batch, this run's): the position is moved to the same sample in
+        batches of the new size (the caller has checked that it starts one)."""
         items = dict(
             params=ocp.args.StandardRestore(_abstract(params)),
             opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
             meta=ocp.args.JsonRestore(),
         )
         saved = self.loader_positions(step)
-        if not saved or any(n == jax.process_count() for _, n in saved):
+        rebatch = batch_ratio is not None and batch_ratio[0] != batch_ratio[1]
+        if not rebatch and (not saved or any(n == jax.process_count() for _, n in saved)):
             return self._restore(step, ocp.args.Composite(**items, data=loader_restore_args(data_iterator)))
         positions = {json.dumps(state, sort_keys=True) for state in saved.values()}
         if len(positions) != 1:
             raise UserError(f"{self.step_dir(step)}/data: the {len(saved)} saved loader positions differ ({sorted(positions)})")
+        position = json.loads(positions.pop())
+        if rebatch:
+            if set(position) != {"next_index"}:
+                raise UserError(f"{self.step_dir(step)}/data: a loader position of worker processes ({position}) cannot be moved "
+                                "to another global batch; resume with the checkpoint's global_batch_size")
+            old, new = batch_ratio
+            position = {"next_index": position["next_index"] * old // new}
         restored = self._restore(step, ocp.args.Composite(**items))
-        data_iterator.set_state(json.loads(positions.pop()))
+        data_iterator.set_state(position)
         return restored
 
     def _restore(self, step: int, args) -> dict:

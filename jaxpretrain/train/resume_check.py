@@ -1,5 +1,6 @@
 """Whether the checkpoint in checkpoint_dir can be resumed by this config, checked before any data or
-compile work: the same model shapes (the first differing field named) and the same global batch."""
+compile work: the same model shapes (the first differing field named) and a global batch the data
+position can continue with."""
 
 from __future__ import annotations
 
@@ -46,17 +47,30 @@ def check_resumable(cfg, hf_config) -> None:
     raise UserError(f"model.vocab_multiple: the checkpoint at {directory}/{latest} has {vm}, this config {cfg.model.vocab_multiple}; {hint}")
 
 
+def saved_global_batch(meta: dict) -> int | None:
+    """The global batch a checkpoint was trained with (its meta's config), None if it does not say."""
+    value = (meta.get("config", {}).get("step_scheduler") or {}).get("global_batch_size")
+    return None if value is None else int(value)
+
+
 def _check_same_global_batch(meta: dict, cfg, where: str) -> None:
-    """The loader's position is a count of global batches (data/loader.py): resumed with another
-    global batch it would continue at another sample than the one the run stopped before, skipping or
-    repeating data. Micro-batch, accumulation, devices and processes may change; the global batch not."""
-    theirs = (meta.get("config", {}).get("step_scheduler") or {}).get("global_batch_size")
-    ours = int(cfg.step_scheduler.global_batch_size)
-    if theirs is not None and int(theirs) != ours:
+    """The loader's position is a count of global batches (data/loader.py). Resumed with another
+    global batch, the run continues at the sample it stopped before, as Megatron's sampler does from
+    its consumed samples, where that sample starts a batch of the new size and the loader has no
+    worker processes (whose interleaved position cannot be moved); otherwise one error says why."""
+    theirs, ours = saved_global_batch(meta), int(cfg.step_scheduler.global_batch_size)
+    if theirs is None or theirs == ours:
+        return
+    consumed = int(meta.get("step", 0)) * theirs
+    why = None
+    if consumed % ours:
+        why = f"its {consumed} consumed samples ({meta.get('step')} steps x {theirs}) are not a whole number of batches of {ours}"
+    elif int(cfg.dataset.get("worker_count", 0) or 0) > 0:
+        why = "dataset.worker_count > 0: the position of worker processes cannot be moved to another batch size (use 0)"
+    if why:
         raise UserError(
-            f"step_scheduler.global_batch_size: the checkpoint at {where} was trained with {theirs}, this config {ours}; "
-            "its data position counts global batches, so resuming with another would skip or repeat samples. Resume with "
-            f"{theirs} (local_batch_size and the device count may change), or use another checkpoint.checkpoint_dir"
+            f"step_scheduler.global_batch_size: the checkpoint at {where} was trained with {theirs}, this config {ours}; {why}. "
+            f"Resume with {theirs} (local_batch_size and the device count may change), or use another checkpoint.checkpoint_dir"
         )
 
 

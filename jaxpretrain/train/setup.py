@@ -27,7 +27,7 @@ from jaxpretrain.train import memory, precheck
 from jaxpretrain.train import schedule as schedule_lib
 from jaxpretrain.train.checkpoint import TrainCheckpointer
 from jaxpretrain.train.optim import build_optimizer
-from jaxpretrain.train.resume_check import check_resumable
+from jaxpretrain.train.resume_check import check_resumable, saved_global_batch
 from jaxpretrain.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger("jaxpretrain")
@@ -320,11 +320,19 @@ def setup(cfg, source: str | None = None) -> Run:
         )
         latest = ckpt.latest_step()
         if latest is not None:
-            restored = ckpt.restore(latest, params=state["params"], opt_state=state["opt_state"], data_iterator=data_iter)
+            meta = ckpt.restore_meta(latest)
+            saved_batch, batch = saved_global_batch(meta), int(cfg.step_scheduler.global_batch_size)
+            ratio = (saved_batch, batch) if saved_batch not in (None, batch) else None
+            restored = ckpt.restore(latest, params=state["params"], opt_state=state["opt_state"], data_iterator=data_iter,
+                                    batch_ratio=ratio)
             state = {"params": restored["params"], "opt_state": restored["opt_state"]}
             start_step = latest
             log.info(ckpt.resume_message(latest))
-            changed = schedule_lib.changes_since(ckpt.restore_meta(latest).get("config", {}), cfg)
+            if ratio:
+                log.info("Global batch %d -> %d since the checkpoint: the data continues at sample %d (%d steps x %d), "
+                         "as Megatron's sampler continues from its consumed samples", saved_batch, batch, latest * saved_batch,
+                         latest, saved_batch)
+            changed = schedule_lib.changes_since(meta.get("config", {}), cfg)
             if changed:
                 log.info("Schedule changed since the checkpoint: %s; the config's values apply from step %d on",
                          ", ".join(changed), latest + 1)
