@@ -334,7 +334,7 @@ def test_another_global_batch_resumes_at_the_next_sample_or_is_one_error(work, h
     the run continues at sample 32, as Megatron's sampler continues from its consumed samples: with a
     negligible lr (the weights stay the step-4 ones) and dropout off, each step's loss is the mean of
     two steps' losses of a resume that keeps batches of 8. A batch that 32 samples do not fill
-    exactly (12) is one error before any data work; another micro-batch is always fine."""
+    exactly (12), or a smaller one, is one error before any data work."""
     import shutil
 
     still = {**huge_lr(1e-12), "model.dropout": 0.0, "step_scheduler.ckpt_every_steps": 100}
@@ -344,7 +344,7 @@ def test_another_global_batch_resumes_at_the_next_sample_or_is_one_error(work, h
     moved_dir = shutil.copytree(healthy_run, tmp_path / "moved")
     moved = train(work, moved_dir, **still, **{"step_scheduler.max_steps": 6, "step_scheduler.global_batch_size": 16})
     assert moved.returncode == 0, moved.stdout[-3000:] + moved.stderr[-3000:]
-    assert "Global batch 8 -> 16 since the checkpoint: the data continues at sample 32 (4 steps x 8)" in moved.stdout
+    assert "Global batch 8 -> 16 since the checkpoint: the data continues at sample 32, as Megatron" in moved.stdout
     a, b = logged_losses(tmp_path / "kept"), logged_losses(moved_dir)
     assert sorted(a) == list(range(1, 9)) and sorted(b) == list(range(1, 7))
     np.testing.assert_allclose([b[5], b[6]], [(a[5] + a[6]) / 2, (a[7] + a[8]) / 2], rtol=1e-5)
@@ -354,8 +354,15 @@ def test_another_global_batch_resumes_at_the_next_sample_or_is_one_error(work, h
     assert bad.returncode == 2, bad.stdout[-3000:] + bad.stderr[-3000:]
     line = one_error_line(bad)
     assert line.startswith(f"error: step_scheduler.global_batch_size: the checkpoint at {tmp_path / 'bad'}/4 was trained with 8, "
-                           "this config 12; its 32 consumed samples (4 steps x 8) are not a whole number of batches of 12"), line
+                           "this config 12; its 32 consumed samples (4 batches x 8) are not a whole number of batches of 12"), line
     assert "Train data:" not in bad.stdout and on_disk(tmp_path / "bad") == ([2, 4], [])
+    # Changed twice: the moved run's step 6 has read 4 batches of 16 (64 samples, not 6 x 16), so
+    # batches of 32 go on at sample 64; batches of 8 would need batch 8 of a 7-step run's 7: refused.
+    again = train(work, moved_dir, **still, **{"step_scheduler.max_steps": 7, "step_scheduler.global_batch_size": 32})
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "Global batch 16 -> 32 since the checkpoint: the data continues at sample 64, as Megatron" in again.stdout
+    shrink = train(work, moved_dir, **{"step_scheduler.max_steps": 8})
+    assert shrink.returncode == 2 and "the global batch may grow on resume, not shrink" in one_error_line(shrink)
 
 
 def test_nonfinite_steps_are_skipped_up_to_the_limit_each_logged(work, good_checkpoint):

@@ -25,9 +25,10 @@ def check_resumable(cfg, hf_config) -> None:
         if latest is None:
             return
         meta = ckpt.restore_meta(latest)
+        positions = list(ckpt.loader_positions(latest).values())
     finally:
         ckpt.close()
-    _check_same_global_batch(meta, cfg, f"{directory}/{latest}")
+    _check_same_global_batch(meta, positions, cfg, f"{directory}/{latest}")
     theirs = M.config_from(meta["model_config"])
     ours_shapes = _param_shapes(hf_config, int(cfg.model.vocab_multiple))
     theirs_shapes = _param_shapes(theirs, int(meta["config"]["model"].get("vocab_multiple", 1)))
@@ -53,7 +54,7 @@ def saved_global_batch(meta: dict) -> int | None:
     return None if value is None else int(value)
 
 
-def _check_same_global_batch(meta: dict, cfg, where: str) -> None:
+def _check_same_global_batch(meta: dict, positions: list[dict], cfg, where: str) -> None:
     """The loader's position is a count of global batches (data/loader.py). Resumed with another
     global batch, the run continues at the sample it stopped before, as Megatron's sampler does from
     its consumed samples, where that sample starts a batch of the new size and the loader has no
@@ -61,12 +62,19 @@ def _check_same_global_batch(meta: dict, cfg, where: str) -> None:
     theirs, ours = saved_global_batch(meta), int(cfg.step_scheduler.global_batch_size)
     if theirs is None or theirs == ours:
         return
-    consumed = int(meta.get("step", 0)) * theirs
+    # Batches read so far: the loader's saved position (a run whose batch changed before has read
+    # fewer or more batches than it took steps), else the step.
+    index = positions[0].get("next_index") if positions else int(meta.get("step", 0))
     why = None
-    if consumed % ours:
-        why = f"its {consumed} consumed samples ({meta.get('step')} steps x {theirs}) are not a whole number of batches of {ours}"
-    elif int(cfg.dataset.get("worker_count", 0) or 0) > 0:
-        why = "dataset.worker_count > 0: the position of worker processes cannot be moved to another batch size (use 0)"
+    if int(cfg.dataset.get("worker_count", 0) or 0) > 0 or not isinstance(index, int):
+        why = "the position of loader worker processes cannot be moved to another batch size (dataset.worker_count 0 can)"
+    elif index * theirs % ours:
+        why = f"its {index * theirs} consumed samples ({index} batches x {theirs}) are not a whole number of batches of {ours}"
+    elif index * theirs > int(meta.get("step", 0)) * ours:
+        # The loader holds max_steps batches: continuing at batch index * theirs / ours must leave
+        # room for the steps still to run, so the batch may grow on resume (a ramp-up), not shrink.
+        why = (f"its {index * theirs} consumed samples would be {index * theirs // ours} batches of {ours}, more than its "
+               f"{meta.get('step')} steps: the global batch may grow on resume, not shrink")
     if why:
         raise UserError(
             f"step_scheduler.global_batch_size: the checkpoint at {where} was trained with {theirs}, this config {ours}; {why}. "

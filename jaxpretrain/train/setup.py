@@ -329,9 +329,8 @@ def setup(cfg, source: str | None = None) -> Run:
             start_step = latest
             log.info(ckpt.resume_message(latest))
             if ratio:
-                log.info("Global batch %d -> %d since the checkpoint: the data continues at sample %d (%d steps x %d), "
-                         "as Megatron's sampler continues from its consumed samples", saved_batch, batch, latest * saved_batch,
-                         latest, saved_batch)
+                log.info("Global batch %d -> %d since the checkpoint: the data continues at sample %d, as Megatron's sampler "
+                         "continues from its consumed samples", saved_batch, batch, data_iter.get_state()["next_index"] * batch)
             changed = schedule_lib.changes_since(meta.get("config", {}), cfg)
             if changed:
                 log.info("Schedule changed since the checkpoint: %s; the config's values apply from step %d on",
