@@ -252,13 +252,13 @@ class Trainer:
             pending = (step, device_metrics)
             stopping = self.stop.should_stop(step)
             is_val = r.data.validation is not None and step % ss.val_every_steps == 0
-            epoch_end = ss.get("save_checkpoint_every_epoch", True) and step % r.data.steps_per_epoch == 0
+            epoch_end = ss.save_checkpoint_every_epoch and step % r.data.steps_per_epoch == 0
             is_ckpt = step % ss.ckpt_every_steps == 0 or step == total or stopping or epoch_end
             is_eval = self.hellaswag is not None and not stopping and (step % eval_every == 0 or step == total)
             if is_val or is_ckpt or is_eval:
                 self.report(*pending)
                 pending = None
-                if is_val or (is_ckpt and ss.get("validate_on_checkpoint", True) and r.data.validation is not None and not stopping):
+                if is_val or (is_ckpt and ss.validate_on_checkpoint and r.data.validation is not None and not stopping):
                     self.validate(step)
                 if is_eval:
                     self.evaluate_hellaswag(step)

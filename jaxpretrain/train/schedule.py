@@ -240,16 +240,19 @@ def changes_since(saved_config: dict, cfg) -> list[str]:
 
     try:
         saved = ml_collections.ConfigDict(saved_config)
-        before = {**dataclasses.asdict(from_config(saved)), **_prefixed(wd_from_config(saved))}
+        before = _schedule_values(saved)
     except (AttributeError, KeyError, TypeError, ValueError):  # a checkpoint of a config we cannot read back: say nothing
         return []
-    now = {**dataclasses.asdict(from_config(cfg)), **_prefixed(wd_from_config(cfg))}
+    now = _schedule_values(cfg)
     return [f"{k} {before[k]:g} -> {now[k]:g}" if isinstance(now[k], float) and isinstance(before[k], float)
             else f"{k} {before[k]} -> {now[k]}" for k in now if before.get(k) != now[k]]
 
 
-def _prefixed(wd: WeightDecaySchedule) -> dict:
-    """The weight-decay values that matter: only the decay itself when it is constant."""
+def _schedule_values(cfg) -> dict:
+    """The lr schedule's fields and the weight-decay values that matter (only the decay itself when it
+    is constant, so an unused wd_incr_steps never shows as a change)."""
+    wd = wd_from_config(cfg)
+    lr = dataclasses.asdict(from_config(cfg))
     if wd.incr_style == "constant":
-        return {"weight_decay": wd.end_wd}
-    return {"start_wd": wd.start_wd, "end_wd": wd.end_wd, "wd_incr_steps": wd.incr_steps, "wd_incr_style": wd.incr_style}
+        return {**lr, "weight_decay": wd.end_wd}
+    return {**lr, "start_wd": wd.start_wd, "end_wd": wd.end_wd, "wd_incr_steps": wd.incr_steps, "wd_incr_style": wd.incr_style}
