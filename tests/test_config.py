@@ -57,8 +57,10 @@ def test_yaml_overrides_and_torch_defaults(tmp_path):
         "optimizer:\n  _target_: torch.optim.AdamW\n  lr: 0.001\n"
         "dataloader:\n  num_workers: 2\n"
     )
-    cfg = parse("--config", str(p), "--config.optimizer.lr=2e-3", "--config.model.n_embd=64").cfg
-    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.optimizer.lr) == (3, 64, 2e-3)
+    # The YAML leaves out max_steps (required): the command line may give it.
+    cfg = parse("--config", str(p), "--config.optimizer.lr=2e-3", "--config.model.n_embd=64",
+                "--config.step_scheduler.max_steps=40").cfg
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.optimizer.lr, cfg.step_scheduler.max_steps) == (3, 64, 2e-3, 40)
     # Arguments torch.optim.AdamW leaves to its defaults take torch's defaults, as in NeMo.
     assert (tuple(cfg.optimizer.betas), cfg.optimizer.weight_decay) == ((0.9, 0.999), 0.01)
     assert cfg.dataset.worker_count == 2
@@ -80,6 +82,8 @@ def test_yaml_overrides_and_torch_defaults(tmp_path):
         ("model:\n  config:\n    pretrained_model_name_or_path: gpt2\nlr_scheduler:\n  lr_decay_style: WSD\n  wsd_decay_step: 5\n",
          "lr_scheduler.wsd_decay_step: not supported (supported: lr_decay_style, lr_warmup_steps"),
         ("model: [1\n", "not valid YAML"),
+        ("model:\n  config:\n    pretrained_model_name_or_path: gpt2\nstep_scheduler:\n  global_batch_size: 8\n",
+         "step_scheduler.max_steps: required (here or as --config.step_scheduler.max_steps=N)"),
     ],
 )
 def test_yaml_mistakes_name_the_key(tmp_path, yaml_text, expected):
@@ -176,7 +180,8 @@ def test_a_llama_recipe_yaml_takes_its_shape_from_its_hf_config(tmp_path):
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000, "max_position_embeddings": 128,
     }))
     p = tmp_path / "llama.yaml"
-    p.write_text(f"model:\n  config:\n    pretrained_model_name_or_path: {hf}\n    num_hidden_layers: 3\n")
+    p.write_text(f"model:\n  config:\n    pretrained_model_name_or_path: {hf}\n    num_hidden_layers: 3\n"
+                 "step_scheduler:\n  max_steps: 100\n")
     cfg = parse("--config", str(p)).cfg
     assert cfg.model.pretrained_model_name_or_path == str(hf)
     assert cfg.model.num_hidden_layers == 3 and cfg.model.hidden_size is None and cfg.model.vocab_size is None

@@ -92,15 +92,18 @@ def test_train_logs_the_seed_lines_and_loss_falls(baseline_run):
     assert "Processes: launch: single process | process 0 of 1 | local devices 1 (cpu) | global devices 1" in out
 
 
-def test_validate_on_checkpoint_false_validates_only_every_val_every_steps(corpus, tmp_path):
+@pytest.mark.parametrize("val_every, on_checkpoint, validated", [(4, False, [4]), ("none", True, [3, 6])])
+def test_validation_cadence_follows_nemos_step_scheduler(corpus, tmp_path, val_every, on_checkpoint, validated):
     """NeMo's step_scheduler.validate_on_checkpoint: false: checkpoints every 3 steps and at the last
-    (6) cost no validation; val_every_steps (4) still runs."""
+    (6) cost no validation; val_every_steps (4) still runs. val_every_steps: none (NeMo's default):
+    validation only at the checkpoint steps. (tests/test_cadence.py: step for step vs NeMo.)"""
     ckpt = str(tmp_path / "ckpt")
     o = tiny_overrides(corpus, ckpt, **{"step_scheduler.max_steps": 6, "step_scheduler.ckpt_every_steps": 3,
-                                        "step_scheduler.validate_on_checkpoint": False})
+                                        "step_scheduler.val_every_steps": val_every,
+                                        "step_scheduler.validate_on_checkpoint": on_checkpoint})
     r = python("-m", "jaxpretrain.train", *as_flags(o))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert [int(m.group(1)) for m in map(VAL_LINE.search, r.stdout.splitlines()) if m] == [4]
+    assert [int(m.group(1)) for m in map(VAL_LINE.search, r.stdout.splitlines()) if m] == validated
     assert sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) == [3, 6]
 
 

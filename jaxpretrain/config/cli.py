@@ -82,7 +82,7 @@ def parse(argv: list[str], *, prog: str, description: str, flags: tuple[Flag, ..
         raise SystemExit(0)
     if spec is None:
         raise UserError(f"--config: required, e.g. --config {DEFAULT_CONFIG}:tiny (see --help)")
-    loaded = load(spec)
+    loaded = load(spec, tuple(overrides))
     for flag, value in overrides:
         set_field(loaded.cfg, loaded.types, flag[len("--config."):], value, flag=flag)
     return Parsed(loaded, values)

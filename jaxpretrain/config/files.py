@@ -83,14 +83,16 @@ def load_python(path: str, preset: str | None, source: str | None = None) -> Loa
     return Loaded(cfg, field_types(cfg), f"{path}:{name}" if name else path, source or path)
 
 
-def load(spec: str | None) -> Loaded:
-    """The config named by --config: a .py file[:preset], a recipe YAML, or an effective config YAML."""
+def load(spec: str | None, overrides: tuple[tuple[str, str], ...] = ()) -> Loaded:
+    """The config named by --config: a .py file[:preset], a recipe YAML, or an effective config YAML.
+    `overrides` ((flag, value) pairs, applied by the caller afterwards) let a recipe YAML fill NeMo's
+    defaults from the run's final max_steps."""
     spec = spec or DEFAULT_CONFIG
     path, preset = split_spec(spec)
     if path.endswith(YAML_SUFFIXES):
         from jaxpretrain.config import recipe_yaml
 
-        return recipe_yaml.load_yaml(resolve_path(path), spec)
+        return recipe_yaml.load_yaml(resolve_path(path), spec, overrides)
     if not path.endswith(".py"):
         raise UserError(f"--config {spec}: expected a Python config (configs/gpt2.py[:preset]) or a YAML recipe (.yaml)")
     return load_python(path, preset, spec)

@@ -53,6 +53,16 @@ def nemo_scheduler_defaults(lr: float, max_steps: int) -> dict:
     return {"min_lr": 0.01 * lr, "lr_warmup_steps": min(1000, max_steps // 10), "lr_decay_style": "cosine"}
 
 
+# NeMo Automodel's `StepSchedulerConfig` (0.7) for a `step_scheduler` key the YAML leaves out, where
+# the base preset's value (the seed's) differs; `local_batch_size` is the recipe's
+# `cfg.get("step_scheduler.local_batch_size", 1)`. (Its validate_on_checkpoint and
+# save_checkpoint_every_epoch defaults, true, are ours too.) Without max_steps NeMo trains num_epochs
+# whole epochs of a one-epoch index: not supported, so that key is required.
+NEMO_STEP_SCHEDULER_DEFAULTS = {
+    "global_batch_size": 32, "local_batch_size": 1, "ckpt_every_steps": 100, "val_every_steps": None, "num_epochs": 10,
+}
+
+
 # section -> {key: our field}; keys mapped to None are accepted and noted (no effect in JAX).
 FIELDS = {
     "step_scheduler": {
@@ -118,7 +128,7 @@ DATASET_FIELDS = {
 }
 
 
-def load_yaml(path: str, spec: str) -> Loaded:
+def load_yaml(path: str, spec: str, overrides: tuple[tuple[str, str], ...] = ()) -> Loaded:
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
@@ -130,7 +140,7 @@ def load_yaml(path: str, spec: str) -> Loaded:
         raise UserError(f"{path}: a YAML mapping of config sections is expected")
     if BASE_KEY in data:
         return _load_effective(path, spec, data)
-    return _Recipe(path, spec, data).load()
+    return _Recipe(path, spec, data, dict(overrides)).load()
 
 
 # ------------------------------------------------------------------------------- effective config
@@ -168,8 +178,9 @@ def write_effective(loaded: Loaded, cfg, path: str) -> None:
 
 
 class _Recipe:
-    def __init__(self, path: str, spec: str, data: dict):
+    def __init__(self, path: str, spec: str, data: dict, overrides: dict[str, str] | None = None):
         self.path, self.spec, self.data = path, spec, data
+        self.overrides = overrides or {}  # the command line's --config.* flags, applied after loading
         self.notes: list[str] = []
         self.loaded: Loaded | None = None
 
@@ -223,6 +234,8 @@ class _Recipe:
             else:
                 supported = ", ".join(["model", "dataset", "validation_dataset", *FIELDS])
                 raise self.error(section, f"section not supported (supported: {supported})")
+        self.loaded.filled = []
+        self.step_scheduler_defaults()
         self.scheduler_defaults()
         self.inherit_validation_fields()
         self.loaded.notes = self.notes
@@ -244,7 +257,24 @@ class _Recipe:
         for key, value in values.items():
             self.set(f"lr_scheduler.{key}", value, f"lr_scheduler.{key} ({why})")
             filled.append(f"lr_scheduler.{key}={value:g}" if isinstance(value, float) else f"lr_scheduler.{key}={value}")
-        self.loaded.filled = ([f"{why}: {', '.join(filled)}"] if filled else [])
+        self.loaded.filled += [f"{why}: {', '.join(filled)}"] if filled else []
+
+    def step_scheduler_defaults(self) -> None:
+        """NeMo's StepSchedulerConfig values for the `step_scheduler` keys left out (one note lists them)."""
+        node = self.data.get("step_scheduler") or {}
+        flag = "--config.step_scheduler.max_steps"
+        if flag in self.overrides:  # the run's max_steps, which NeMo's lr_scheduler defaults follow
+            set_field(self.loaded.cfg, self.loaded.types, "step_scheduler.max_steps", self.overrides[flag], flag=flag)
+        elif "max_steps" not in node:
+            raise self.error("step_scheduler.max_steps", "required (here or as --config.step_scheduler.max_steps=N): "
+                             "the run's optimizer steps; they also size the train split (max_steps x global_batch_size)")
+        filled = []
+        for key, value in NEMO_STEP_SCHEDULER_DEFAULTS.items():
+            if key not in node:
+                self.set(f"step_scheduler.{key}", value, f"step_scheduler.{key} (NeMo's default)")
+                filled.append(f"step_scheduler.{key}={'none' if value is None else value}")
+        if filled:
+            self.loaded.filled.append(f"NeMo Automodel's defaults for step_scheduler keys the YAML leaves out: {', '.join(filled)}")
 
     def inherit_validation_fields(self) -> None:
         """A validation value equal to the train section's becomes "inherit" (None): the seed's YAML

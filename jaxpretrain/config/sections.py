@@ -89,7 +89,9 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     s.ckpt_every_steps = 1000
     # Also save one at the end of every epoch (NeMo's StepScheduler default; matters with num_epochs > 1).
     s.save_checkpoint_every_epoch = True
-    # Run validation every this many steps (0: never).
+    # Run validation every this many steps; none: only at checkpoint steps (NeMo's default, with
+    # validate_on_checkpoint); 0: never, and no validation data is built.
+    s.val_every_steps = placeholder(int)
     s.val_every_steps = 250
     # Validate at every checkpoint step too (the last step included), as NeMo's StepScheduler does;
     # false: only every val_every_steps (frequent checkpoints for preemption then cost no validation).

@@ -22,6 +22,7 @@ from jaxpretrain import parallel, processes
 from jaxpretrain.errors import UserError
 from jaxpretrain.train import metrics as metrics_lib
 from jaxpretrain.train import report
+from jaxpretrain.train.cadence import Cadence
 from jaxpretrain.train.numerics import NonFiniteError, NonFiniteGuard, all_finite
 from jaxpretrain.train.prefetch import DevicePrefetcher
 from jaxpretrain.train.preemption import EXIT_STOPPED, StopSignal
@@ -77,6 +78,7 @@ class Trainer:
         self.last_train: tuple[int, float] | None = None  # (step, loss) of the newest step reported
         self.last_val: tuple[int, float] | None = None
         self.hellaswag = self._prepare_hellaswag()
+        self.cadence = Cadence.of_run(cfg.step_scheduler, r.data)  # which steps validate and checkpoint
 
     def write_config(self, loaded) -> None:
         """`<run_dir>/config.yaml`: every field of this run, which `--config` takes back (process 0)."""
@@ -251,14 +253,12 @@ class Trainer:
                 self.report(*pending)
             pending = (step, device_metrics)
             stopping = self.stop.should_stop(step)
-            is_val = r.data.validation is not None and step % ss.val_every_steps == 0
-            epoch_end = ss.save_checkpoint_every_epoch and step % r.data.steps_per_epoch == 0
-            is_ckpt = step % ss.ckpt_every_steps == 0 or step == total or stopping or epoch_end
+            is_val, is_ckpt = self.cadence.validate(step, stopping), self.cadence.checkpoint(step, stopping)
             is_eval = self.hellaswag is not None and not stopping and (step % eval_every == 0 or step == total)
             if is_val or is_ckpt or is_eval:
                 self.report(*pending)
                 pending = None
-                if is_val or (is_ckpt and ss.validate_on_checkpoint and r.data.validation is not None and not stopping):
+                if is_val:
                     self.validate(step)
                 if is_eval:
                     self.evaluate_hellaswag(step)

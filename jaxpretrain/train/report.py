@@ -12,6 +12,8 @@ import sys
 
 import jax
 
+from jaxpretrain.train.cadence import Cadence
+
 log = logging.getLogger("jaxpretrain")
 
 LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "transformers", "ml-collections")
@@ -47,9 +49,9 @@ def log_experiment(run, l2: float, run_dir: str) -> None:
                  plan.val_samples, plan.val_batch_size)
     ss = cfg.step_scheduler
     log.info(
-        "Steps: %d, %d tokens each (global batch %d x seq %d), validation every %d, checkpoint every %d",
+        "Steps: %d, %d tokens each (global batch %d x seq %d), %s",
         data.total_steps, plan.global_batch_size * cfg.dataset.seq_length, plan.global_batch_size,
-        cfg.dataset.seq_length, ss.val_every_steps, ss.ckpt_every_steps,
+        cfg.dataset.seq_length, Cadence.of_run(ss, data).describe(),
     )
     o = cfg.optimizer
     log.info("Optimizer: AdamW lr %g betas %s eps %g weight_decay %g, clip %g", o.lr, tuple(o.betas), o.eps, o.weight_decay, o.max_grad_norm)

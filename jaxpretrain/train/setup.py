@@ -23,7 +23,7 @@ from jaxpretrain.data import build_gpt_datasets
 from jaxpretrain.data.loader import Loader, make_loader
 from jaxpretrain.errors import UserError
 from jaxpretrain.tokenizer import special_token_ids
-from jaxpretrain.train import memory, precheck
+from jaxpretrain.train import cadence, memory, precheck
 from jaxpretrain.train import schedule as schedule_lib
 from jaxpretrain.train.checkpoint import TrainCheckpointer
 from jaxpretrain.train.optim import build_optimizer
@@ -62,7 +62,7 @@ def plan_batches(cfg, dp_size: int) -> BatchPlan:
         )
     precheck.check_max_steps(ss)
     train_samples = cfg.dataset.num_train_samples or ss.max_steps * g
-    val_samples = cfg.validation_dataset.num_val_samples or (ss.max_steps // ss.val_every_steps) * g
+    val_samples = cadence.val_samples_per_run(ss, cfg.validation_dataset.num_val_samples, g)
     val_batch = cfg.validation_dataset.global_batch_size or l * dp_size
     if val_batch % dp_size:
         raise UserError(f"validation_dataset.global_batch_size: {val_batch} is not a multiple of dp size {dp_size}")
@@ -248,7 +248,7 @@ def _build_data(cfg, plan: BatchPlan, plain, vocab_size: int | None) -> Data:
         num_samples=(plan.train_samples, 0, 0), cache_dir=ds_cfg.index_mapping_dir, vocab_size=vocab_size,
     )[0]
     val_ds = None
-    if plan.val_samples and cfg.step_scheduler.val_every_steps:
+    if plan.val_samples:
         val_ds = build_gpt_datasets(
             plain(val_cfg.paths), seq_length=val_cfg.seq_length, split=val_cfg.split, seed=val_cfg.seed,
             num_samples=(0, plan.val_samples, 0), cache_dir=val_cfg.index_mapping_dir, vocab_size=vocab_size,
