@@ -100,6 +100,8 @@ def test_json_list_and_dict_on_the_command_line_train(corpus, tmp_path):
         (["--config.model.dtype=float8"], "model.dtype: 'float8' is not one of float32, bfloat16, float16"),
         (["--config.model.dropout=1.5"], "model.dropout: embd_pdrop must be in [0, 1), got 1.5"),
         (["--config.step_scheduler.global_batch_size=0"], "step_scheduler.global_batch_size: must be positive, got 0"),
+        (["--config.step_scheduler.ckpt_every_steps=0"], "step_scheduler.ckpt_every_steps: must be a positive number of steps, got 0"),
+        (["--config.step_scheduler.val_every_steps=-5"], "step_scheduler.val_every_steps: must be a number of steps (0: never"),
         (["--config.checkpoint.checkpoint_dir=/etc/passwd"], "checkpoint.checkpoint_dir: /etc/passwd exists and is not a directory"),
         (["--config.checkpoint.checkpoint_dir=/etc/passwd/ckpt"], "/etc/passwd/ckpt cannot be created (/etc/passwd is a file)"),
         (["--config.validation_dataset.split=abc"], "validation_dataset.split: 'abc' must be one to three numbers"),
