@@ -102,6 +102,7 @@ def test_json_list_and_dict_on_the_command_line_train(corpus, tmp_path):
         (["--config.step_scheduler.global_batch_size=0"], "step_scheduler.global_batch_size: must be positive, got 0"),
         (["--config.step_scheduler.ckpt_every_steps=0"], "step_scheduler.ckpt_every_steps: must be a positive number of steps, got 0"),
         (["--config.step_scheduler.val_every_steps=-5"], "step_scheduler.val_every_steps: must be a number of steps (0: never"),
+        (["--config.step_scheduler.preemption_signal=SIGTERM,USR3"], "step_scheduler.preemption_signal: 'USR3' is not a signal"),
         (["--config.checkpoint.checkpoint_dir=/etc/passwd"], "checkpoint.checkpoint_dir: /etc/passwd exists and is not a directory"),
         (["--config.checkpoint.checkpoint_dir=/etc/passwd/ckpt"], "/etc/passwd/ckpt cannot be created (/etc/passwd is a file)"),
         (["--config.validation_dataset.split=abc"], "validation_dataset.split: 'abc' must be one to three numbers"),

@@ -43,7 +43,7 @@ def test_seed_yaml_is_the_124m_preset_field_for_field():
     assert preset["step_scheduler"] == {
         "global_batch_size": 512, "local_batch_size": 32, "ckpt_every_steps": 1000, "save_checkpoint_every_epoch": True,
         "val_every_steps": 250,
-        "validate_on_checkpoint": True, "num_epochs": 1, "max_steps": 18500,
+        "validate_on_checkpoint": True, "num_epochs": 1, "max_steps": 18500, "preemption_signal": "SIGTERM",
     }
     assert (preset["optimizer"]["lr"], preset["optimizer"]["betas"], preset["optimizer"]["weight_decay"]) == (6e-4, [0.9, 0.95], 0.1)
     assert (preset["lr_scheduler"]["lr_warmup_steps"], preset["rng"]["seed"]) == (700, 1111)
@@ -61,6 +61,11 @@ def test_yaml_overrides_and_torch_defaults(tmp_path):
     cfg = parse("--config", str(p), "--config.optimizer.lr=2e-3", "--config.model.n_embd=64",
                 "--config.step_scheduler.max_steps=40").cfg
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.optimizer.lr, cfg.step_scheduler.max_steps) == (3, 64, 2e-3, 40)
+    # NeMo's preemption_signal may be a list (or a number) in the YAML: one comma-separated field here.
+    p.write_text(p.read_text() + "step_scheduler:\n  max_steps: 10\n  preemption_signal: [SIGUSR1, 15]\n")
+    from jaxpretrain.train.preemption import parse_signals
+
+    assert [s.name for s in parse_signals(parse("--config", str(p)).cfg.step_scheduler.preemption_signal)] == ["SIGUSR1", "SIGTERM"]
     # Arguments torch.optim.AdamW leaves to its defaults take torch's defaults, as in NeMo.
     assert (tuple(cfg.optimizer.betas), cfg.optimizer.weight_decay) == ((0.9, 0.999), 0.01)
     assert cfg.dataset.worker_count == 2

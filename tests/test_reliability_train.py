@@ -258,6 +258,24 @@ def test_ctrl_c_saves_and_exits_like_sigterm_and_the_rerun_resumes(work, baselin
     assert logged_losses(ckpt) == baseline
 
 
+def test_preemption_signal_names_the_signal_that_saves_and_exits(work, baseline, tmp_path):
+    """NeMo's step_scheduler.preemption_signal: with SIGUSR1 (SLURM's `--signal=USR1@300`, say), that
+    signal saves and exits 75 and the rerun resumes the uninterrupted losses."""
+    ckpt = tmp_path / "ckpt"
+    flags = {"step_scheduler.ckpt_every_steps": 100, "step_scheduler.preemption_signal": "SIGUSR1"}
+    run = Run(work, ckpt, **flags)
+    run.wait_for(lambda: 3 in run.steps())
+    run.kill(signal.SIGUSR1)  # without the handler, SIGUSR1's default action ends the process (-10)
+    assert run.finish() == EXIT_STOPPED, run.output[-3000:]
+    saved = re.search(r"SIGUSR1: saved step (\d+), exiting", run.output)
+    assert saved, run.output[-3000:]
+    stop = int(saved.group(1))
+    assert on_disk(ckpt)[0] == [stop]
+    r = train(work, ckpt, **flags)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert logged_losses(ckpt) == baseline
+
+
 def test_second_ctrl_c_exits_at_once(work, tmp_path):
     ckpt = tmp_path / "ckpt"
     run = Run(work, ckpt)

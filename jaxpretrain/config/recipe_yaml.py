@@ -75,8 +75,8 @@ FIELDS = {
         "gc_every_steps": None,  # torch's host memory; JAX frees device buffers as their arrays die
         "num_epochs": "step_scheduler.num_epochs",
         "max_steps": "step_scheduler.max_steps",
+        "preemption_signal": "step_scheduler.preemption_signal",
         "log_remote_every_steps": None,
-        "gc_every_steps": None,
         "loss_average_window_steps": None,
     },
     "dist_env": {"backend": None, "timeout_minutes": None},
@@ -328,6 +328,9 @@ class _Recipe:
             node.pop("amsgrad", None)
         if section == "lr_scheduler":
             node = self.resume_policy(node)
+        if section == "step_scheduler" and isinstance(node.get("preemption_signal"), (list, int)):
+            value = node["preemption_signal"]  # a list or a number in NeMo's YAML; one string here
+            node = {**node, "preemption_signal": ",".join(map(str, value if isinstance(value, list) else [value]))}
         if section == "checkpoint":
             fmt = node.get("model_save_format")
             if fmt not in (None, "torch_save", "safetensors"):

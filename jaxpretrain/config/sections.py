@@ -96,6 +96,11 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     # Validate at every checkpoint step too (the last step included), as NeMo's StepScheduler does;
     # false: only every val_every_steps (frequent checkpoints for preemption then cost no validation).
     s.validate_on_checkpoint = True
+    # Signal(s) that make the run save a checkpoint and exit 75 (NeMo's preemption_signal): a name
+    # (SIGTERM, SIGUSR1 or USR1), a number, or several, comma-separated; none: no handler (the
+    # signal's default action ends the run). Ctrl-C always saves and exits.
+    s.preemption_signal = placeholder(str)
+    s.preemption_signal = "SIGTERM"
     # Passes over the train split; the run ends at max_steps or when the data runs out.
     s.num_epochs = 1
     # Optimizer steps of the whole run; also the length of the LR schedule.

@@ -25,7 +25,7 @@ from jaxpretrain.train import report
 from jaxpretrain.train.cadence import Cadence
 from jaxpretrain.train.numerics import NonFiniteError, NonFiniteGuard, all_finite
 from jaxpretrain.train.prefetch import DevicePrefetcher
-from jaxpretrain.train.preemption import EXIT_STOPPED, StopSignal
+from jaxpretrain.train.preemption import EXIT_STOPPED, StopSignal, parse_signals
 from jaxpretrain.train.setup import Run, setup, validation_loader
 
 log = logging.getLogger("jaxpretrain")
@@ -40,7 +40,8 @@ def run(cfg, loaded=None) -> int:
     # Joining the run comes first: setup_logging asks for jax.process_index(), which starts the XLA
     # backend, after which jax.distributed.initialize refuses to run.
     parallel.initialize_distributed(heartbeat_timeout_s=cfg.distributed.heartbeat_timeout_s)
-    stop = StopSignal()  # SIGTERM from here on saves and exits (jax.distributed's handler is replaced)
+    # SIGTERM (or step_scheduler.preemption_signal) from here on saves and exits (jax.distributed's handler is replaced)
+    stop = StopSignal(parse_signals(cfg.step_scheduler.preemption_signal))
     report.setup_logging()
     log.info(processes.startup_line())
     with processes.exit_at_once_on_error():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from jaxpretrain.errors import UserError
-from jaxpretrain.train import cadence, optim
+from jaxpretrain.train import cadence, optim, preemption
 from jaxpretrain.train import schedule as schedule_lib
 
 
@@ -74,6 +74,7 @@ def check(cfg) -> None:
     """Raise the first config mistake found without jax: a UserError naming the field."""
     check_max_steps(cfg.step_scheduler)
     cadence.check(cfg.step_scheduler)
+    preemption.parse_signals(cfg.step_scheduler.preemption_signal)
     check_dtype(cfg.model)
     optim.check_optimizer(cfg)  # before the schedule, which would blame lr_scheduler for a bad optimizer.lr
     schedule_lib.from_config(cfg)  # warmup below decay, a known decay style, lr bounds

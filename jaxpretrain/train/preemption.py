@@ -1,14 +1,37 @@
-"""SIGTERM (SLURM's preemption notice) or Ctrl-C: save a checkpoint and exit, every process at the
-same step. A second Ctrl-C exits at once."""
+"""SIGTERM (SLURM's preemption notice; or the signals `step_scheduler.preemption_signal` names) or
+Ctrl-C: save a checkpoint and exit, every process at the same step. A second Ctrl-C exits at once."""
 
 from __future__ import annotations
 
 import logging
 import signal
 
-import jax
+from jaxpretrain.errors import UserError
 
 log = logging.getLogger("jaxpretrain")
+
+FIELD = "step_scheduler.preemption_signal"
+
+
+def parse_signals(value) -> tuple[signal.Signals, ...]:
+    """`step_scheduler.preemption_signal` as NeMo's StepScheduler takes it: a signal name (SIGUSR1 or
+    USR1), a number, or several of them (a list, or comma-separated); None or "none": no preemption
+    handler (the signal's default action then ends the run without a checkpoint)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return ()
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    found = []
+    for item in items:
+        text = str(item).strip()
+        try:
+            sig = signal.Signals(int(text)) if text.isdigit() else signal.Signals[text.upper() if text.upper().startswith("SIG") else "SIG" + text.upper()]
+        except (KeyError, ValueError):
+            raise UserError(f"{FIELD}: {text!r} is not a signal (e.g. SIGTERM, SIGUSR1, 10)") from None
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            raise UserError(f"{FIELD}: {sig.name} cannot be caught")
+        if sig not in found:
+            found.append(sig)
+    return tuple(found)
 
 # Exit status of a run stopped by SIGTERM after saving its checkpoint: EX_TEMPFAIL (sysexits.h,
 # "try again later"). scripts/slurm/train.sbatch requeues the job on this status only; a finished run
@@ -44,13 +67,17 @@ class StopSignal:
     LAG = 2
     _instances = 0  # one key per StopSignal in the run: every process builds them in the same order
 
-    def __init__(self):
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)):
+        import jax
+
         self.received = False
         self.name = "SIGTERM"  # the signal that asked for the stop, for the log
         self.stop_at: int | None = None
         self._published = False
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        for sig in {*signals, signal.SIGINT}:
+            signal.signal(sig, self._handle)
+        if signal.SIGTERM not in signals:  # jax.distributed's own SIGTERM handler must not stay either
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         self._client = None
         if jax.process_count() > 1:
             from jax._src import distributed
@@ -68,6 +95,8 @@ class StopSignal:
         self.received = True
 
     def should_stop(self, step: int) -> bool:
+        import jax
+
         if self._client is None:
             return self.received
         if self.stop_at is None:
