@@ -23,8 +23,9 @@ def parse_signals(value) -> tuple[signal.Signals, ...]:
     found = []
     for item in items:
         text = str(item).strip()
+        name = text.upper() if text.upper().startswith("SIG") else "SIG" + text.upper()
         try:
-            sig = signal.Signals(int(text)) if text.isdigit() else signal.Signals[text.upper() if text.upper().startswith("SIG") else "SIG" + text.upper()]
+            sig = signal.Signals(int(text)) if text.isdigit() else signal.Signals[name]
         except (KeyError, ValueError):
             raise UserError(f"{FIELD}: {text!r} is not a signal (e.g. SIGTERM, SIGUSR1, 10)") from None
         if sig in (signal.SIGKILL, signal.SIGSTOP):
@@ -68,7 +69,7 @@ class StopSignal:
     _instances = 0  # one key per StopSignal in the run: every process builds them in the same order
 
     def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM,)):
-        import jax
+        import jax  # here, not at the top: precheck parses the signals before jax is imported
 
         self.received = False
         self.name = "SIGTERM"  # the signal that asked for the stop, for the log
