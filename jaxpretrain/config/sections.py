@@ -9,7 +9,7 @@ and its presets. The defaults are the seed's recipe (GPT-2 124M on FineWeb-Edu 1
 from __future__ import annotations
 
 import ml_collections
-from ml_collections.config_dict import placeholder
+from ml_collections.config_dict import FieldReference, placeholder
 
 # Where the seed's preprocessing command writes FineWeb-Edu 10BT (see README).
 FINEWEB_PREFIXES = "fineweb_edu/megatron_gpt2/processed_data_*_text_document*"
@@ -91,16 +91,14 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     s.save_checkpoint_every_epoch = True
     # Run validation every this many steps; none: only at checkpoint steps (NeMo's default, with
     # validate_on_checkpoint); 0: never, and no validation data is built.
-    s.val_every_steps = placeholder(int)
-    s.val_every_steps = 250
+    s.val_every_steps = FieldReference(250, field_type=int)  # a number that may be set to None
     # Validate at every checkpoint step too (the last step included), as NeMo's StepScheduler does;
     # false: only every val_every_steps (frequent checkpoints for preemption then cost no validation).
     s.validate_on_checkpoint = True
     # Signal(s) that make the run save a checkpoint and exit 75 (NeMo's preemption_signal): a name
     # (SIGTERM, SIGUSR1 or USR1), a number, or several, comma-separated; none: no handler (the
     # signal's default action ends the run). Ctrl-C always saves and exits.
-    s.preemption_signal = placeholder(str)
-    s.preemption_signal = "SIGTERM"
+    s.preemption_signal = FieldReference("SIGTERM", field_type=str)  # may be set to None
     # Passes over the train split; the run ends at max_steps or when the data runs out.
     s.num_epochs = 1
     # Optimizer steps of the whole run; also the length of the LR schedule.
