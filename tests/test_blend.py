@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import megatron_reference as M
-from jaxpretrain.data import blending_indices, build_gpt_datasets
+from jaxpretrain.data import ONE_EPOCH, blending_indices, build_gpt_datasets
+from jaxpretrain.data.blend import exhaustive_blending_indices
 from jaxpretrain.errors import UserError
 
 SIZES_DOCS = [400, 700, 250, 300, 500, 450, 380, 420, 600, 333, 444, 150]
@@ -75,6 +76,58 @@ def test_blending_indices_large_fineweb_like():
     ref = _megatron_blending(weights, 600_000)
     np.testing.assert_array_equal(ours[0], ref[0])
     np.testing.assert_array_equal(ours[1], ref[1])
+
+
+def _exhaustive_cases():
+    rng = np.random.default_rng(5)
+    cases = [[1, 1], [1, 999], [3, 3, 3], [7, 1, 13, 2, 100], [400_000, 300_000, 299_999, 1]]  # the last: 1e6 samples
+    cases += [rng.integers(1, 400, int(rng.integers(2, 11))).tolist() for _ in range(12)]
+    cases += [(rng.dirichlet(np.ones(8) * 0.3) * 20_000).astype(int).clip(1).tolist()]  # very unequal
+    return cases
+
+
+@pytest.mark.parametrize("sizes", _exhaustive_cases())
+def test_exhaustive_blending_indices_bit_identical_to_cpp(sizes):
+    """A blend of size None (every sample of every dataset once) against megatron-core's C++."""
+    from megatron.core.datasets import helpers_cpp
+
+    total = sum(sizes)
+    ref = np.zeros(total, dtype=np.int16), np.zeros(total, dtype=np.int64)
+    helpers_cpp.build_exhaustive_blending_indices(*ref, np.asarray(sizes, dtype=np.int64), len(sizes))
+    ours = exhaustive_blending_indices(sizes)
+    np.testing.assert_array_equal(ours[0], ref[0])
+    np.testing.assert_array_equal(ours[1], ref[1])
+
+
+def test_one_epoch_single_prefix_and_unweighted_blend(prefixes, tmp_path):
+    """ONE_EPOCH is megatron-core's size None, NeMo's full-epoch training: one prefix's train and
+    validation splits one exhaustive epoch each; an unweighted blend every sample of each dataset's
+    epoch once (exhaustive blending indices); the same samples and cache files as megatron-core's."""
+    split = "0.9, 0.1, 0"
+    ref = M.build(([prefixes[0]], None), split=split, seq_length=16, seed=9, sizes=[None, None, None],
+                  cache_dir=str(tmp_path / "mega"))
+    ours = build_gpt_datasets(prefixes[0], seq_length=16, split=split, seed=9, num_samples=(ONE_EPOCH, ONE_EPOCH, 0),
+                              cache_dir=str(tmp_path / "ours"), tokenizer=M.FakeTokenizer())
+    for r, o in zip(ref[:2], ours[:2]):
+        assert len(o) == len(r) and o.num_epochs == 1
+        for i in [0, 1, len(o) // 2, len(o) - 1]:
+            np.testing.assert_array_equal(o[i]["input_ids"], M.tokens_of(r, i)[:-1])
+    assert ours[2] is None
+    blend = prefixes[1:4]
+    ref = M.build((blend, None), split=split, seq_length=16, seed=9, sizes=[None, None, None],
+                  cache_dir=str(tmp_path / "mega"))
+    ours = build_gpt_datasets(blend, seq_length=16, split=split, seed=9, num_samples=(ONE_EPOCH, ONE_EPOCH, 0),
+                              cache_dir=str(tmp_path / "ours"), tokenizer=M.FakeTokenizer())
+    for r, o in zip(ref[:2], ours[:2]):
+        assert len(o) == sum(len(d) for d in r.datasets)
+        assert_same_blend(r, o)
+    assert any("BlendedDataset" in name for name in _compare_caches(tmp_path))
+
+
+def test_one_epoch_of_a_weighted_blend_is_an_error(prefixes):
+    """megatron-core asserts that a size of None comes with no weights: a weighted blend needs a size."""
+    with pytest.raises(UserError, match=r"dataset.paths: the train split is a weighted blend, which needs a number of samples"):
+        build_gpt_datasets(["1", prefixes[0], "2", prefixes[1]], seq_length=16, split="1", num_samples=(ONE_EPOCH, 0, 0))
 
 
 def assert_same_blend(ref, ours, *, samples=250):

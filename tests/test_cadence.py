@@ -28,6 +28,9 @@ CASES = {
                           "num_epochs": 3, "max_steps": 100, "validate_on_checkpoint": False}, 9, 12),
     "no-epoch-checkpoints": ({"global_batch_size": 4, "local_batch_size": 4, "ckpt_every_steps": 6, "num_epochs": 2,
                               "max_steps": 40, "save_checkpoint_every_epoch": False}, 11, 20),
+    # No max_steps: NeMo's full-epoch training, num_epochs x the epoch's steps (3 x 13).
+    "no-max-steps": ({"global_batch_size": 4, "local_batch_size": 2, "ckpt_every_steps": 10, "val_every_steps": 4,
+                      "num_epochs": 3}, 13, None),
 }
 
 
@@ -36,7 +39,7 @@ def test_validation_and_checkpoint_steps_are_nemos(tmp_path, section, epoch_len,
     from nemo_automodel.components.training.step_scheduler import StepSchedulerConfig
 
     from jaxpretrain.config import cli
-    from jaxpretrain.train.cadence import Cadence
+    from jaxpretrain.train.cadence import Cadence, total_steps
 
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(HEAD | {"step_scheduler": section}))
@@ -59,7 +62,8 @@ def test_validation_and_checkpoint_steps_are_nemos(tmp_path, section, epoch_len,
         if nemo.sigterm_flag:
             break
 
-    total = min(int(ss.max_steps), epoch_len * int(ss.num_epochs))
+    total = total_steps(ss.max_steps, epoch_len, ss.num_epochs)  # what train/setup.py runs
+    assert total == min(nemo.max_steps, nemo.num_epochs * epoch_len)
     cadence = Cadence.from_config(ss, total_steps=total, steps_per_epoch=epoch_len, has_validation=True)
     ours = []
     for step in range(1, total + 1):

@@ -57,10 +57,14 @@ def test_yaml_overrides_and_torch_defaults(tmp_path):
         "optimizer:\n  _target_: torch.optim.AdamW\n  lr: 0.001\n"
         "dataloader:\n  num_workers: 2\n"
     )
-    # The YAML leaves out max_steps (required): the command line may give it.
-    cfg = parse("--config", str(p), "--config.optimizer.lr=2e-3", "--config.model.n_embd=64",
-                "--config.step_scheduler.max_steps=40").cfg
+    # The YAML leaves out max_steps: NeMo's full-epoch training (none), unless the command line gives it.
+    loaded = parse("--config", str(p))
+    assert loaded.cfg.step_scheduler.max_steps is None and "step_scheduler.max_steps=none" in " ".join(loaded.loaded.filled)
+    loaded = parse("--config", str(p), "--config.optimizer.lr=2e-3", "--config.model.n_embd=64",
+                   "--config.step_scheduler.max_steps=40")
+    cfg = loaded.cfg
     assert (cfg.model.n_layer, cfg.model.n_embd, cfg.optimizer.lr, cfg.step_scheduler.max_steps) == (3, 64, 2e-3, 40)
+    assert "max_steps" not in " ".join(loaded.loaded.filled)  # the command line's value is no filled-in default
     # NeMo's preemption_signal may be a list (or a number) in the YAML: one comma-separated field here.
     p.write_text(p.read_text() + "step_scheduler:\n  max_steps: 10\n  preemption_signal: [SIGUSR1, 15]\n")
     from jaxpretrain.train.preemption import parse_signals
@@ -87,8 +91,6 @@ def test_yaml_overrides_and_torch_defaults(tmp_path):
         ("model:\n  config:\n    pretrained_model_name_or_path: gpt2\nlr_scheduler:\n  lr_decay_style: WSD\n  wsd_decay_step: 5\n",
          "lr_scheduler.wsd_decay_step: not supported (supported: lr_decay_style, lr_warmup_steps"),
         ("model: [1\n", "not valid YAML"),
-        ("model:\n  config:\n    pretrained_model_name_or_path: gpt2\nstep_scheduler:\n  global_batch_size: 8\n",
-         "step_scheduler.max_steps: required (here or as --config.step_scheduler.max_steps=N)"),
     ],
 )
 def test_yaml_mistakes_name_the_key(tmp_path, yaml_text, expected):

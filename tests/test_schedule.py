@@ -206,3 +206,54 @@ def test_a_recipe_yaml_schedules_as_nemo_builds_it(tmp_path, section):
             sched.step(1)
     np.testing.assert_allclose([lr_schedule.value(k) for k in range(66)], lrs, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose([wd_schedule.value(k) for k in range(66)], wds, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    "step_scheduler, epoch_len",
+    [
+        ({"max_steps": 60, "num_epochs": 3}, 17),  # the epochs end first: NeMo schedules over 51 steps
+        ({"num_epochs": 2}, 23),  # no max_steps: NeMo's full-epoch training, 2 x 23 steps
+        ({"max_steps": 30, "num_epochs": 3}, 17),
+    ],
+    ids=["epochs-end-first", "no-max-steps", "max-steps-first"],
+)
+@pytest.mark.parametrize("section", [{"lr_decay_style": "cosine"},  # (an empty section: no scheduler in NeMo)
+                                     {"lr_decay_style": "linear", "start_wd": 0.0, "end_wd": 0.1, "wd_incr_style": "linear"}],
+                         ids=["nemo-defaults", "linear-wd"])
+def test_unset_lengths_follow_the_run_as_nemo_schedules_them(tmp_path, step_scheduler, epoch_len, section):
+    """Warmup, decay and weight-decay lengths the YAML leaves out follow the run's length as NeMo's
+    `LRSchedulerConfig.build` takes it from its StepScheduler: min(max_steps, epochs x epoch length),
+    or epochs x epoch length without max_steps. NeMo's StepScheduler is built from the same section
+    over a dataloader of that epoch length; ours takes the length from train/cadence.py."""
+    import yaml
+    from nemo_automodel.components.optim.optimizer import LRSchedulerConfig
+    from nemo_automodel.components.training.step_scheduler import StepSchedulerConfig
+
+    from jaxpretrain.config import cli, finalize
+    from jaxpretrain.train import cadence
+    from jaxpretrain.train.schedule import from_config, wd_from_config
+
+    head = {"model": {"config": {"pretrained_model_name_or_path": "gpt2"}},
+            "optimizer": {"_target_": "torch.optim.AdamW", "lr": 3.0e-4},
+            "step_scheduler": {"global_batch_size": 4, "local_batch_size": 4, **step_scheduler}, "lr_scheduler": section}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(head))
+    cfg = cli.parse(["--config", str(path)], prog="train", description="").cfg
+    finalize(cfg)
+    ss = cfg.step_scheduler
+    total = cadence.total_steps(ss.max_steps, epoch_len, ss.num_epochs)
+    lr_schedule, wd_schedule = from_config(cfg, total), wd_from_config(cfg, total)
+
+    nemo_steps = StepSchedulerConfig(global_batch_size=4, **step_scheduler, preemption_signal=None).build(
+        dataloader=list(range(epoch_len)), dp_group_size=1, local_batch_size=4)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+    (sched,) = LRSchedulerConfig(**section).build(opt, nemo_steps)
+    assert total == min(nemo_steps.max_steps, nemo_steps.num_epochs * nemo_steps.epoch_len)
+    assert (lr_schedule.warmup_steps, lr_schedule.decay_steps) == (sched.lr_warmup_steps, sched.lr_decay_steps)
+    lrs, wds = [], []
+    for _ in range(total + 3):
+        lrs.append(opt.param_groups[0]["lr"])
+        wds.append(opt.param_groups[0]["weight_decay"])
+        sched.step(1)
+    np.testing.assert_allclose([lr_schedule.value(k) for k in range(total + 3)], lrs, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose([wd_schedule.value(k) for k in range(total + 3)], wds, rtol=1e-12, atol=1e-15)

@@ -276,3 +276,43 @@ def test_epochs_sample_count_sync_saves_and_a_finished_rerun(corpus, tmp_path):
     assert "Nothing to do: the checkpoint is at step 6 of 6" in again.stdout
     assert not [m for m in map(STEP_LINE.search, again.stdout.splitlines()) if m]
     assert sorted(train_losses(ckpt)) == list(range(1, 7))  # nothing appended by the rerun
+
+
+def test_without_max_steps_the_run_takes_num_epochs_whole_epochs(tmp_path):
+    """step_scheduler.max_steps none, NeMo's full-epoch training: the train and validation splits of an
+    unweighted blend are built as megatron-core builds them for size None (one exhaustive epoch, its
+    lengths here from megatron-core itself), the run takes num_epochs x (train samples // global
+    batch) steps, every validation scores the whole validation split, and the lr schedule's unset
+    warmup and decay span the run as NeMo's do (min(1000, steps // 10), decay = the run's steps)."""
+    import megatron_reference as M
+
+    data = tmp_path / "data"
+    data.mkdir()
+    prefixes = [str(data / f"part_{i}_text_document") for i in range(2)]
+    for i, (prefix, docs) in enumerate(zip(prefixes, (30, 50))):
+        M.write_corpus(prefix, docs, seed=i, mean_length=24, vocab=500)
+    split = "0.8, 0.2, 0.0"
+    ref = M.build((prefixes, None), split=split, seq_length=SEQ, seed=DATA_SEED, sizes=[None, None, None],
+                  cache_dir=str(tmp_path / "mega"))
+    train_len, val_len = len(ref[0]), len(ref[1])
+    epoch_steps, total = train_len // 8, 2 * (train_len // 8)
+    assert 3 <= epoch_steps <= 8 and val_len >= 4  # a short run that still has an epoch boundary to cross
+    ckpt = str(tmp_path / "ckpt")
+    o = tiny_overrides(str(data / "part_*"), ckpt, **{
+        "step_scheduler.max_steps": "none", "step_scheduler.num_epochs": 2, "validation_dataset.num_val_samples": 0,
+        "step_scheduler.val_every_steps": "none", "step_scheduler.ckpt_every_steps": 1000,
+        "lr_scheduler.lr_warmup_steps": "none", "dataset.split": split, "validation_dataset.split": split,
+        "model.dropout": 0.0,
+    })
+    r = python("-m", "jaxpretrain.train", *as_flags(o))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"Steps: {total} (2 epochs x {epoch_steps}: max_steps not set)" in r.stdout
+    assert f"Datasets: train {train_len} samples, validation {val_len} samples" in r.stdout
+    steps = [(int(m.group(1)), int(m.group(2))) for m in map(STEP_LINE.search, r.stdout.splitlines()) if m]
+    assert [s for s, _ in steps] == list(range(1, total + 1))
+    assert [e for _, e in steps] == [steps[0][1]] * epoch_steps + [steps[0][1] + 1] * epoch_steps
+    vals = [m for m in map(VAL_LINE.search, r.stdout.splitlines()) if m]  # at each epoch's end (its checkpoint)
+    assert [int(m.group(1)) for m in vals] == [epoch_steps, total]
+    assert all(int(m.group(4)) == val_len // 4 * 4 * SEQ for m in vals)  # whole batches of 4 of the split
+    assert f"warmup {min(1000, total // 10)} decay {total} style cosine" in r.stdout
+    assert f"Summary: Finished at step {total} of {total}" in r.stdout

@@ -85,8 +85,8 @@ def load_python(path: str, preset: str | None, source: str | None = None) -> Loa
 
 def load(spec: str | None, overrides: tuple[tuple[str, str], ...] = ()) -> Loaded:
     """The config named by --config: a .py file[:preset], a recipe YAML, or an effective config YAML.
-    `overrides` ((flag, value) pairs, applied by the caller afterwards) let a recipe YAML fill NeMo's
-    defaults from the run's final max_steps."""
+    `overrides` ((flag, value) pairs, applied by the caller afterwards) keep a recipe YAML from noting
+    a NeMo default filled in for a key the command line sets anyway."""
     spec = spec or DEFAULT_CONFIG
     path, preset = split_spec(spec)
     if path.endswith(YAML_SUFFIXES):

@@ -46,20 +46,22 @@ TORCH_ADAMW_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_
 
 # NeMo Automodel's `LRSchedulerConfig.build` for a key an `lr_scheduler` section leaves out, where the
 # base preset's value (the seed's) differs; the other keys default as NeMo's do (init_lr 0.1 x lr,
-# max_lr = lr, decay and weight-decay steps = max_steps, start_wd = end_wd = weight_decay). Without
-# the section NeMo builds no scheduler: a constant lr. (NeMo's total steps are min(max_steps,
-# epochs x epoch length); a recipe's train samples are max_steps x the global batch, so max_steps.)
-def nemo_scheduler_defaults(lr: float, max_steps: int) -> dict:
-    return {"min_lr": 0.01 * lr, "lr_warmup_steps": min(1000, max_steps // 10), "lr_decay_style": "cosine"}
+# max_lr = lr, decay and weight-decay steps = the run's steps, start_wd = end_wd = weight_decay).
+# Without the section NeMo builds no scheduler: a constant lr. NeMo's warmup is min(1000, total // 10)
+# of its total steps, min(max_steps, epochs x epoch length), known once the data is built: None here,
+# which train/schedule.py resolves the same way.
+NEMO_SCHEDULER_DEFAULTS = {"lr_warmup_steps": None, "lr_decay_style": "cosine"}
+NEMO_MIN_LR_FRACTION = 0.01  # min_lr = 0.01 x lr
 
 
 # NeMo Automodel's `StepSchedulerConfig` (0.7) for a `step_scheduler` key the YAML leaves out, where
 # the base preset's value (the seed's) differs; `local_batch_size` is the recipe's
 # `cfg.get("step_scheduler.local_batch_size", 1)`. (Its validate_on_checkpoint and
 # save_checkpoint_every_epoch defaults, true, are ours too.) Without max_steps NeMo trains num_epochs
-# whole epochs of a one-epoch index: not supported, so that key is required.
+# whole epochs of a train split built as one exhaustive epoch (Megatron's size None), as we then do.
 NEMO_STEP_SCHEDULER_DEFAULTS = {
     "global_batch_size": 32, "local_batch_size": 1, "ckpt_every_steps": 100, "val_every_steps": None, "num_epochs": 10,
+    "max_steps": None,
 }
 
 
@@ -251,26 +253,22 @@ class _Recipe:
             values = {"lr_decay_style": "constant", "lr_warmup_steps": 0}
             why = "no lr_scheduler section: a constant optimizer.lr, as NeMo without a scheduler"
         else:
-            values = {k: v for k, v in nemo_scheduler_defaults(float(cfg.optimizer.lr), int(cfg.step_scheduler.max_steps)).items()
-                      if k not in node}
+            nemo = {"min_lr": NEMO_MIN_LR_FRACTION * float(cfg.optimizer.lr), **NEMO_SCHEDULER_DEFAULTS}
+            values = {k: v for k, v in nemo.items() if k not in node}
             why = "NeMo Automodel's defaults for lr_scheduler keys the YAML leaves out"
         for key, value in values.items():
             self.set(f"lr_scheduler.{key}", value, f"lr_scheduler.{key} ({why})")
-            filled.append(f"lr_scheduler.{key}={value:g}" if isinstance(value, float) else f"lr_scheduler.{key}={value}")
+            shown = "min(1000, steps // 10)" if value is None else f"{value:g}" if isinstance(value, float) else value
+            filled.append(f"lr_scheduler.{key}={shown}")
         self.loaded.filled += [f"{why}: {', '.join(filled)}"] if filled else []
 
     def step_scheduler_defaults(self) -> None:
-        """NeMo's StepSchedulerConfig values for the `step_scheduler` keys left out (one note lists them)."""
+        """NeMo's StepSchedulerConfig values for the `step_scheduler` keys left out (one note lists them;
+        a key the command line sets is not listed)."""
         node = self.data.get("step_scheduler") or {}
-        flag = "--config.step_scheduler.max_steps"
-        if flag in self.overrides:  # the run's max_steps, which NeMo's lr_scheduler defaults follow
-            set_field(self.loaded.cfg, self.loaded.types, "step_scheduler.max_steps", self.overrides[flag], flag=flag)
-        elif "max_steps" not in node:
-            raise self.error("step_scheduler.max_steps", "required (here or as --config.step_scheduler.max_steps=N): "
-                             "the run's optimizer steps; they also size the train split (max_steps x global_batch_size)")
         filled = []
         for key, value in NEMO_STEP_SCHEDULER_DEFAULTS.items():
-            if key not in node:
+            if key not in node and f"--config.step_scheduler.{key}" not in self.overrides:
                 self.set(f"step_scheduler.{key}", value, f"step_scheduler.{key} (NeMo's default)")
                 filled.append(f"step_scheduler.{key}={'none' if value is None else value}")
         if filled:

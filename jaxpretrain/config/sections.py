@@ -74,7 +74,9 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     v.splits_to_build = "validation"
     # Megatron's shuffle seed for the validation split; None: dataset.seed.
     v.seed = placeholder(int)
-    # Validation samples per evaluation; 0: (max_steps // val_every_steps) x global_batch_size.
+    # Validation samples per evaluation; 0: as NeMo sizes them, (train steps // val_every_steps, or
+    # // 1000 without it) x global_batch_size, where train steps are num_train_samples // global batch
+    # if set, else max_steps; without either, the whole validation split (one exhaustive epoch).
     v.num_val_samples = 1024
     # Validation batch size across all processes; None: global_batch_size // grad-accumulation steps.
     v.global_batch_size = placeholder(int)
@@ -101,8 +103,10 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     s.preemption_signal = FieldReference("SIGTERM", field_type=str)  # may be set to None
     # Passes over the train split; the run ends at max_steps or when the data runs out.
     s.num_epochs = 1
-    # Optimizer steps of the whole run; also the length of the LR schedule.
-    s.max_steps = 18500
+    # Optimizer steps of the whole run; also the length of the LR schedule and, x global_batch_size,
+    # the train samples built. None: num_epochs whole passes over a train split built as one
+    # exhaustive epoch (NeMo's full-epoch training, Megatron's size None).
+    s.max_steps = FieldReference(18500, field_type=int)  # a number that may be set to None
 
     c.rng = ml_collections.ConfigDict()
     # Seed of model init and dropout (the dataset has its own seed, dataset.seed).
@@ -166,13 +170,13 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     r = c.lr_scheduler
     # "cosine", "linear", "constant", "inverse-square-root" or "WSD" (Megatron's OptimizerParamScheduler).
     r.lr_decay_style = "cosine"
-    # Linear warmup steps from init_lr to optimizer.lr.
-    r.lr_warmup_steps = 700
+    # Linear warmup steps from init_lr to optimizer.lr; None: min(1000, the run's steps // 10) (NeMo's default).
+    r.lr_warmup_steps = FieldReference(700, field_type=int)  # a number that may be set to None
     # The learning rate at the end of the decay.
     r.min_lr = 0.0
     # Warmup starts at init_lr; None: 0.1 x optimizer.lr (NeMo Automodel's default).
     r.init_lr = placeholder(float)
-    # Steps of the decay; None: step_scheduler.max_steps.
+    # Steps of the decay; None: the run's steps (max_steps, or fewer when the epochs run out first).
     r.lr_decay_steps = placeholder(int)
     # The peak the warmup reaches; None: optimizer.lr.
     r.max_lr = placeholder(float)
@@ -184,7 +188,7 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     r.start_wd = placeholder(float)
     # The weight decay after wd_incr_steps (at least start_wd); None: optimizer.weight_decay.
     r.end_wd = placeholder(float)
-    # Steps over which the weight decay moves from start_wd to end_wd; None: step_scheduler.max_steps.
+    # Steps over which the weight decay moves from start_wd to end_wd; None: the run's steps.
     r.wd_incr_steps = placeholder(int)
     # "constant" (start_wd = end_wd), "linear" or "cosine" (Megatron's weight-decay increment).
     r.wd_incr_style = "constant"

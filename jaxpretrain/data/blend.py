@@ -1,4 +1,5 @@
-"""Megatron's blending indices (`helpers.cpp`'s `build_blending_indices`), bit for bit, vectorised.
+"""Megatron's blending indices (`helpers.cpp`'s `build_blending_indices` and
+`build_exhaustive_blending_indices`), bit for bit, vectorised.
 
 `blending_indices(weights, size)` -> (dataset_index, dataset_sample_index): which dataset the blend's
 sample s comes from, and which of that dataset's samples it is. The paths and the blended dataset
@@ -156,6 +157,39 @@ def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, n
             chunk = 1024
         else:
             chunk = max(1024, min(chunk, 4 * (accepted + 1)))
+    return out_ds, out_k
+
+
+def exhaustive_blending_indices(sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Megatron's `build_exhaustive_blending_indices` (a blend of size None: every sample of every
+    dataset once): the greedy of `blending_indices` with weights sizes[i] / total (the C++'s double
+    division), except that a dataset whose samples are spent leaves the argmax.
+
+    That exception never changes a step: a spent dataset's deficit w*s - size is negative before the
+    end, while the deficits sum to 0, so some unspent dataset has one >= 0 and wins. So the fast greedy
+    is run and checked: its counts equal `sizes` exactly when no step picked a spent dataset (counts
+    only grow), i.e. when every step was the exhaustive one. Should rounding ever break the tie
+    argument, the plain loop of the C++ gives the answer instead."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    total = int(sizes.sum())
+    weights = sizes / float(total)
+    out_ds, out_k = blending_indices(weights, total)
+    if np.array_equal(np.bincount(out_ds, minlength=len(sizes)), sizes):
+        return out_ds, out_k
+    return _exhaustive_loop(sizes, weights, total)
+
+
+def _exhaustive_loop(sizes: np.ndarray, weights: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """helpers.cpp's loop verbatim (slow; only a fallback)."""
+    out_ds, out_k = np.empty(total, dtype=np.int16), np.empty(total, dtype=np.int64)
+    counts, w, left = [0] * len(sizes), weights.tolist(), [i for i in range(len(sizes)) if sizes[i] > 0]
+    for s in range(total):
+        sd = float(max(s, 1))
+        best = max(left, key=lambda i: (w[i] * sd - counts[i], -i))  # first index on ties
+        out_ds[s], out_k[s] = best, counts[best]
+        counts[best] += 1
+        if counts[best] == sizes[best]:
+            left.remove(best)
     return out_ds, out_k
 
 

@@ -13,6 +13,9 @@
 - Several, unweighted: each dataset is one epoch of its split, the weights are their lengths and the
   blend holds `min(size, sum of lengths)` samples.
 - The blend's sample s comes from the dataset Megatron's greedy picks (`blending_indices`).
+- A split's size ONE_EPOCH is Megatron's size None (NeMo's full-epoch training, no max_steps): one
+  prefix gives one epoch of its split; an unweighted blend, one epoch of each dataset, every sample
+  once (`exhaustive_blending_indices`); a weighted blend needs a size (Megatron asserts so).
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ import numpy as np
 from jaxpretrain.data import gpt_dataset as gd
 from jaxpretrain.data import index_cache
 from jaxpretrain.data import vocab_check
-from jaxpretrain.data.blend import blending_indices
+from jaxpretrain.data.blend import blending_indices, exhaustive_blending_indices
 from jaxpretrain.data.indexed import IndexedDataset
 from jaxpretrain.data.paths import SPLIT_KEYS, SPLIT_LABELS, check_prefixes, parse_paths
 from jaxpretrain.errors import UserError
 
 # Megatron's `mid_level_dataset_surplus`: weighted blends build this much more of every dataset.
 MID_LEVEL_DATASET_SURPLUS = 0.005
+# A split's size meaning "one exhaustive epoch": Megatron's size None (which here means "not built").
+ONE_EPOCH = -1
 
 
 # == The blended dataset ============================================================================
@@ -45,10 +50,13 @@ class BlendedDataset:
     The constructor plans (identity, cache name); `build()` makes or loads the indices.
     """
 
-    def __init__(self, datasets, weights, size: int, split: str, cache_dir: str | None):
+    def __init__(self, datasets, weights, size: int | None, split: str, cache_dir: str | None):
+        """`size` None: exhaustive, every sample of every dataset once; `weights` are then the
+        datasets' lengths and stay integers (Megatron normalises them only for a given size)."""
         self.datasets = list(datasets)
-        self.weights = gd.normalize(weights)
-        self.size = int(size)
+        self.exhaustive = size is None
+        self.weights = [int(w) for w in weights] if self.exhaustive else gd.normalize(weights)
+        self.size = sum(self.weights) if self.exhaustive else int(size)
         self.split = split
         self.cache_dir = cache_dir
         self.seq_length = self.datasets[0].seq_length
@@ -57,7 +65,7 @@ class BlendedDataset:
             "datasets": [d.unique_identifiers for d in self.datasets],
             "split": split,
             "weights": self.weights,
-            "size": self.size,
+            "size": None if self.exhaustive else self.size,
         }
         self.unique_description = index_cache.describe(self.unique_identifiers)
         self.unique_description_hash = index_cache.description_hash(self.unique_description)
@@ -77,7 +85,7 @@ class BlendedDataset:
         (the builder passes a background process's result)."""
 
         def make():
-            dataset_index, dataset_sample_index = (compute or (lambda: blending_indices(self.weights, self.size)))()
+            dataset_index, dataset_sample_index = (compute or self.compute_indices)()
             # Megatron's guard (checked when built; a cache hit was checked when it was written)
             self._check_sizes(dataset_index, dataset_sample_index)
             return {"dataset_index": dataset_index, "dataset_sample_index": dataset_sample_index}
@@ -88,6 +96,12 @@ class BlendedDataset:
         self.dataset_index = arrays["dataset_index"]
         self.dataset_sample_index = arrays["dataset_sample_index"]
         return self
+
+    def compute_indices(self) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset_index, dataset_sample_index), Megatron's, computed (not cached)."""
+        if self.exhaustive:
+            return exhaustive_blending_indices(self.weights)
+        return blending_indices(self.weights, self.size)
 
     def _check_sizes(self, dataset_index, dataset_sample_index) -> None:
         drawn = _draws_per_dataset(dataset_index, dataset_sample_index, len(self.datasets))
@@ -166,6 +180,7 @@ def build_gpt_datasets(
 
     Sample i of each equals sample i of megatron-core's `BlendedMegatronDatasetBuilder(GPTDataset, ...)`
     for the same paths, split, seed and sizes. `num_samples[i]` of 0 or None: split i is not built;
+    ONE_EPOCH: built as megatron-core builds a size of None (one exhaustive epoch of the split);
     `splits_to_build` ("train" / "validation" / "test" or a list) restricts further. `cache_dir` is
     the index cache (Megatron's `path_to_cache`; None: build in memory). `tokenizer`: the identifiers
     Megatron records for the tokenizer (its `unique_identifiers`); only the cache names depend on it,
@@ -183,8 +198,9 @@ def build_gpt_datasets(
     if len(sizes) != 3:
         raise UserError(f"num_samples: expected (train, validation, test), got {num_samples!r}")
     for i, n in enumerate(sizes):
-        if n is not None and (not isinstance(n, (int, np.integer)) or n < 0):
-            raise UserError(f"num_samples: {SPLIT_LABELS[i]} must be a non-negative integer or None, got {n!r}")
+        if n is not None and (not isinstance(n, (int, np.integer)) or (n < 0 and n != ONE_EPOCH)):
+            raise UserError(f"num_samples: {SPLIT_LABELS[i]} must be a non-negative integer, ONE_EPOCH or None, got {n!r}")
+    asked = ["one epoch" if n == ONE_EPOCH else f"{n} samples" for n in sizes]
     wanted = [bool(n) for n in sizes]
     if splits_to_build is not None:
         names = [splits_to_build] if isinstance(splits_to_build, str) else list(splits_to_build)
@@ -206,7 +222,7 @@ def build_gpt_datasets(
                 continue
             if matrix[i] is None:
                 raise UserError(
-                    f"split: {text!r} leaves the {SPLIT_LABELS[i]} split empty but {sizes[i]} samples were requested"
+                    f"split: {text!r} leaves the {SPLIT_LABELS[i]} split empty but {asked[i]} was requested"
                 )
             plans.append((i, prefixes, weights, matrix[i], text, matrix))
     else:
@@ -214,7 +230,7 @@ def build_gpt_datasets(
             if not wanted[i]:
                 continue
             if spec[i] is None:
-                raise UserError(f"dataset.paths: no {SPLIT_LABELS[i]} entry but {sizes[i]} samples were requested")
+                raise UserError(f"dataset.paths: no {SPLIT_LABELS[i]} entry but {asked[i]} was requested")
             prefixes, weights = spec[i]
             plans.append((i, prefixes, weights, (0.0, 1.0), None, None))
     for plan in plans:
@@ -240,12 +256,18 @@ def build_gpt_datasets(
                 seed=seed, seq_length=seq_length, split=text, matrix=matrix, tokenizer=tok, cache_dir=cache_dir
             )
             name = gd.SPLIT_NAMES[i]
+            size = None if sizes[i] == ONE_EPOCH else sizes[i]  # Megatron's size
             if len(prefixes) == 1:
-                ds = gd.GPTDataset.planned(open_indexed(prefixes[0]), prefixes[0], lo, hi, sizes[i], name, config)
+                ds = gd.GPTDataset.planned(open_indexed(prefixes[0]), prefixes[0], lo, hi, size, name, config)
                 jobs.append(ds.build)
                 results[i] = ds
                 continue
             if weights is not None:
+                if size is None:  # megatron-core asserts size_is_none => weights_are_none
+                    raise UserError(
+                        f"dataset.paths: the {SPLIT_LABELS[i]} split is a weighted blend, which needs a number of "
+                        "samples: set step_scheduler.max_steps (or dataset.num_train_samples / validation_dataset.num_val_samples)"
+                    )
                 norm = gd.normalize(weights)
                 target = _size_per_dataset(norm, sizes[i])
                 buffer = _size_per_dataset(norm, sizes[i], MID_LEVEL_DATASET_SURPLUS)
@@ -256,12 +278,12 @@ def build_gpt_datasets(
             else:
                 parts = [gd.GPTDataset.planned(open_indexed(p), p, lo, hi, None, name, config) for p in prefixes]
                 blend_weights = [len(ds) for ds in parts]
-                blend_size = min(sizes[i], sum(blend_weights))
+                blend_size = None if size is None else min(size, sum(blend_weights))
             jobs += [ds.build for ds in parts]
             blended = BlendedDataset(parts, blend_weights, blend_size, name, cache_dir)
             background = None
-            if background_blend and blend_size >= _BACKGROUND_BLEND_MIN and not blended.is_cached():
-                background = pool.submit(blending_indices, blended.weights, blended.size)  # runs meanwhile
+            if background_blend and blended.size >= _BACKGROUND_BLEND_MIN and not blended.is_cached():
+                background = pool.submit(blended.compute_indices)  # runs meanwhile
             results[i] = (blended, background)
         for done in [pool.submit(job) for job in jobs]:
             done.result()

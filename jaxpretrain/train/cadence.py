@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jaxpretrain.data.builder import ONE_EPOCH
 from jaxpretrain.errors import UserError
 
 # NeMo's MegatronPretraining sizes the validation split with this interval when val_every_steps is
@@ -25,6 +26,13 @@ NEMO_VAL_CHECK_INTERVAL = 1000
 
 def check(step_scheduler) -> None:
     """The cadence fields as NeMo's StepScheduler accepts them (it raises on the same values)."""
+    max_steps = step_scheduler.max_steps
+    if max_steps is not None and (not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps <= 0):
+        raise UserError(f"step_scheduler.max_steps: must be a positive number of steps (none: num_epochs whole "
+                        f"epochs), got {max_steps!r}")
+    epochs = step_scheduler.num_epochs
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs <= 0:
+        raise UserError(f"step_scheduler.num_epochs: must be a positive number of passes over the train split, got {epochs!r}")
     ckpt = step_scheduler.ckpt_every_steps
     if not isinstance(ckpt, int) or isinstance(ckpt, bool) or ckpt <= 0:
         raise UserError(f"step_scheduler.ckpt_every_steps: must be a positive number of steps, got {ckpt!r}")
@@ -40,20 +48,36 @@ def validation_runs(step_scheduler) -> bool:
     return bool(val) or (val is None and bool(step_scheduler.validate_on_checkpoint))
 
 
-def val_samples_per_run(step_scheduler, num_val_samples: int | None, global_batch_size: int) -> int:
-    """Validation samples: `num_val_samples` if set, else as NeMo's MegatronPretraining builds them,
-    (max_steps // val_every_steps, or // 1000 without one) x the global batch; 0 when none can run."""
+def val_samples_per_run(step_scheduler, num_val_samples: int | None, global_batch_size: int,
+                        num_train_samples: int | None = None) -> int:
+    """Validation samples as NeMo's MegatronPretraining builds them: `num_val_samples` if set, else
+    (train steps // val_every_steps, or // 1000 without one) x the global batch, where the train steps
+    are num_train_samples / global batch if set, else max_steps; without either, ONE_EPOCH (the whole
+    validation split, Megatron's size None). 0 when no step can validate."""
     if not validation_runs(step_scheduler):
         return 0
     if num_val_samples:
         return int(num_val_samples)
+    if num_train_samples:
+        train_steps = int(num_train_samples) // global_batch_size
+    elif step_scheduler.max_steps is not None:
+        train_steps = int(step_scheduler.max_steps)
+    else:
+        return ONE_EPOCH
     interval = step_scheduler.val_every_steps or NEMO_VAL_CHECK_INTERVAL
-    return (int(step_scheduler.max_steps) // interval) * global_batch_size
+    return (train_steps // interval) * global_batch_size
+
+
+def total_steps(max_steps: int | None, steps_per_epoch: int, num_epochs: int) -> int:
+    """The run's last step, NeMo's: max_steps, or fewer when num_epochs passes over the train split
+    end first; without max_steps, num_epochs x the epoch's steps (StepScheduler's max_steps then)."""
+    epochs_end = int(steps_per_epoch) * int(num_epochs)
+    return epochs_end if max_steps is None else min(int(max_steps), epochs_end)
 
 
 @dataclass(frozen=True)
 class Cadence:
-    total_steps: int  # the run's last step (max_steps, or fewer when the epochs run out first)
+    total_steps: int  # the run's last step (`total_steps()` below)
     steps_per_epoch: int
     ckpt_every_steps: int
     val_every_steps: int | None

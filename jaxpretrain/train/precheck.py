@@ -15,11 +15,6 @@ from jaxpretrain.train import cadence, optim, preemption
 from jaxpretrain.train import schedule as schedule_lib
 
 
-def check_max_steps(step_scheduler) -> None:
-    if int(step_scheduler.max_steps) <= 0:
-        raise UserError("step_scheduler.max_steps: must be positive")
-
-
 # Compute dtypes the models take (parameters stay float32 masters whatever this says).
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -72,12 +67,11 @@ def check_splits(cfg) -> None:
 
 def check(cfg) -> None:
     """Raise the first config mistake found without jax: a UserError naming the field."""
-    check_max_steps(cfg.step_scheduler)
-    cadence.check(cfg.step_scheduler)
+    cadence.check(cfg.step_scheduler)  # max_steps, num_epochs and the validation/checkpoint cadence
     preemption.parse_signals(cfg.step_scheduler.preemption_signal)
     check_dtype(cfg.model)
     optim.check_optimizer(cfg)  # before the schedule, which would blame lr_scheduler for a bad optimizer.lr
-    schedule_lib.from_config(cfg)  # warmup below decay, a known decay style, lr bounds
+    schedule_lib.from_config(cfg)  # warmup below decay (max_steps' length), a known decay style, lr bounds
     schedule_lib.wd_from_config(cfg)  # a known increment style, 0 <= start_wd <= end_wd
     check_checkpoint_dir(cfg.checkpoint)
     check_splits(cfg)

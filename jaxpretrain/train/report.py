@@ -46,11 +46,13 @@ def log_experiment(run, l2: float, run_dir: str) -> None:
         same = prefixes(data.validation) == prefixes(data.train)
         what = "the same files" if same else files_summary(data.validation, cfg.validation_dataset)
         log.info("Validation data: %s, split %r, %d samples in batches of %d", what, cfg.validation_dataset.split,
-                 plan.val_samples, plan.val_batch_size)
+                 data.val_samples, plan.val_batch_size)
     ss = cfg.step_scheduler
+    # Without max_steps the length comes from the data: say how (NeMo's "max_steps not provided").
+    epochs = f" ({ss.num_epochs} epochs x {data.steps_per_epoch}: max_steps not set)" if ss.max_steps is None else ""
     log.info(
-        "Steps: %d, %d tokens each (global batch %d x seq %d), %s",
-        data.total_steps, plan.global_batch_size * cfg.dataset.seq_length, plan.global_batch_size,
+        "Steps: %d%s, %d tokens each (global batch %d x seq %d), %s",
+        data.total_steps, epochs, plan.global_batch_size * cfg.dataset.seq_length, plan.global_batch_size,
         cfg.dataset.seq_length, Cadence.of_run(ss, data).describe(),
     )
     o = cfg.optimizer

@@ -71,7 +71,7 @@ def _check_same_global_batch(meta: dict, positions: list[dict], cfg, where: str)
     elif index * theirs % ours:
         why = f"its {index * theirs} consumed samples ({index} batches x {theirs}) are not a whole number of batches of {ours}"
     elif index * theirs > int(meta.get("step", 0)) * ours:
-        # The loader holds max_steps batches: continuing at batch index * theirs / ours must leave
+        # The loader holds the run's batches: continuing at batch index * theirs / ours must leave
         # room for the steps still to run, so the batch may grow on resume (a ramp-up), not shrink.
         why = (f"its {index * theirs} consumed samples would be {index * theirs // ours} batches of {ours}, more than its "
                f"{meta.get('step')} steps: the global batch may grow on resume, not shrink")

@@ -55,7 +55,7 @@ class LRSchedule:
         if self.warmup_steps >= self.decay_steps:
             raise ConfigError(
                 f"lr_scheduler.lr_warmup_steps: {self.warmup_steps} is not below the decay steps ({self.decay_steps}: "
-                "lr_scheduler.lr_decay_steps, or step_scheduler.max_steps when unset)"
+                "lr_scheduler.lr_decay_steps, or the run's steps when unset)"
             )
 
     def numbers(self) -> dict:
@@ -201,37 +201,63 @@ class WeightDecaySchedule:
         return f"weight decay {self.start_wd:g} -> {self.end_wd:g} over {self.incr_steps} steps ({self.incr_style})"
 
 
-def from_config(cfg) -> LRSchedule:
-    """Build the schedule from the `optimizer`, `lr_scheduler` and `step_scheduler` config sections."""
+# What the schedule's defaults stand for before the data is built (the config check ahead of any data
+# work) when step_scheduler.max_steps is None: the run's length is then num_epochs x the train split's
+# steps, known only once the split is built, so only the checks that need no length apply.
+UNKNOWN_TOTAL_STEPS = 2**31 - 1
+
+
+def total_steps_of(cfg, total_steps: int | None) -> int:
+    """The run's optimizer steps, NeMo's `total_steps` (min(num_epochs x epoch length, max_steps)):
+    `total_steps` as the built data gives it, else max_steps (its upper bound), else unknown."""
+    if total_steps is not None:
+        return int(total_steps)
+    max_steps = cfg.step_scheduler.max_steps
+    return UNKNOWN_TOTAL_STEPS if max_steps is None else int(max_steps)
+
+
+def default_warmup_steps(total_steps: int) -> int:
+    """NeMo Automodel's lr_warmup_steps when its lr_scheduler section leaves it out."""
+    return min(1000, total_steps // 10)
+
+
+def from_config(cfg, total_steps: int | None = None) -> LRSchedule:
+    """Build the schedule from the `optimizer`, `lr_scheduler` and `step_scheduler` config sections;
+    `total_steps`: the run's steps (train/setup.py's Data.total_steps), which unset decay and warmup
+    lengths follow as NeMo's do; None: step_scheduler.max_steps."""
     lr = float(cfg.optimizer.lr)
     r = cfg.lr_scheduler
     max_lr = r.get("max_lr")
+    total = total_steps_of(cfg, total_steps)
+    warmup = r.lr_warmup_steps
+    if warmup is None:  # NeMo's default; 0 while the length is unknown (it is checked once it is known)
+        warmup = 0 if total == UNKNOWN_TOTAL_STEPS else default_warmup_steps(total)
     return LRSchedule(
         init_lr=0.1 * lr if r.init_lr is None else float(r.init_lr),
         max_lr=lr if max_lr is None else float(max_lr),
         min_lr=float(r.min_lr),
-        warmup_steps=int(r.lr_warmup_steps),
-        decay_steps=int(cfg.step_scheduler.max_steps if r.lr_decay_steps is None else r.lr_decay_steps),
+        warmup_steps=int(warmup),
+        decay_steps=total if r.lr_decay_steps is None else int(r.lr_decay_steps),
         decay_style=r.lr_decay_style,
         wsd_decay_steps=r.get("wsd_decay_steps"),
         wsd_decay_style=r.get("lr_wsd_decay_style"),
     )
 
 
-def wd_from_config(cfg) -> WeightDecaySchedule:
+def wd_from_config(cfg, total_steps: int | None = None) -> WeightDecaySchedule:
     """The weight-decay schedule: lr_scheduler's start_wd/end_wd (unset: optimizer.weight_decay),
-    wd_incr_steps (unset: step_scheduler.max_steps) and wd_incr_style."""
+    wd_incr_steps (unset: the run's steps, as `from_config`) and wd_incr_style."""
     r, wd = cfg.lr_scheduler, float(cfg.optimizer.weight_decay)
     start, end, steps = r.get("start_wd"), r.get("end_wd"), r.get("wd_incr_steps")
     return WeightDecaySchedule(
         start_wd=wd if start is None else float(start),
         end_wd=wd if end is None else float(end),
-        incr_steps=int(cfg.step_scheduler.max_steps if steps is None else steps),
+        incr_steps=total_steps_of(cfg, total_steps) if steps is None else int(steps),
         incr_style=r.get("wd_incr_style", "constant"),
     )
 
 
-def changes_since(saved_config: dict, cfg) -> list[str]:
+def changes_since(saved_config: dict, cfg, total_steps: int | None = None) -> list[str]:
     """The schedule values in which `cfg` differs from the config a checkpoint was saved with (its
     meta's "config"), as "name old -> new": a resumed run follows the config's schedule from the next
     update on (NeMo keeps the checkpoint's unless override_opt_param_scheduler), so a changed
@@ -240,19 +266,21 @@ def changes_since(saved_config: dict, cfg) -> list[str]:
 
     try:
         saved = ml_collections.ConfigDict(saved_config)
-        before = _schedule_values(saved)
+        # The saved run's length: this run's when their max_steps agree (the same data), else its max_steps.
+        saved_max = saved.step_scheduler.get("max_steps")
+        before = _schedule_values(saved, total_steps if saved_max in (None, cfg.step_scheduler.max_steps) else None)
     except (AttributeError, KeyError, TypeError, ValueError):  # a checkpoint of a config we cannot read back: say nothing
         return []
-    now = _schedule_values(cfg)
+    now = _schedule_values(cfg, total_steps)
     return [f"{k} {before[k]:g} -> {now[k]:g}" if isinstance(now[k], float) and isinstance(before[k], float)
             else f"{k} {before[k]} -> {now[k]}" for k in now if before.get(k) != now[k]]
 
 
-def _schedule_values(cfg) -> dict:
+def _schedule_values(cfg, total_steps: int | None) -> dict:
     """The lr schedule's fields and the weight-decay values that matter (only the decay itself when it
     is constant, so an unused wd_incr_steps never shows as a change)."""
-    wd = wd_from_config(cfg)
-    lr = dataclasses.asdict(from_config(cfg))
+    wd = wd_from_config(cfg, total_steps)
+    lr = dataclasses.asdict(from_config(cfg, total_steps))
     if wd.incr_style == "constant":
         return {**lr, "weight_decay": wd.end_wd}
     return {**lr, "start_wd": wd.start_wd, "end_wd": wd.end_wd, "wd_incr_steps": wd.incr_steps, "wd_incr_style": wd.incr_style}

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import jaxpretrain.model as M
 from jaxpretrain import parallel, processes
 from jaxpretrain.config.sections import MODEL_OPTIONS  # ours; every other `model` field overrides the HF config
-from jaxpretrain.data import build_gpt_datasets
+from jaxpretrain.data import ONE_EPOCH, build_gpt_datasets
 from jaxpretrain.data.loader import Loader, make_loader
 from jaxpretrain.errors import UserError
 from jaxpretrain.tokenizer import special_token_ids
@@ -43,9 +43,9 @@ class BatchPlan:
     local_batch_size: int
     dp_size: int
     grad_accum: int
-    max_steps: int
-    train_samples: int
-    val_samples: int
+    max_steps: int | None  # None: num_epochs whole epochs (Data.total_steps is the run's length)
+    train_samples: int  # or ONE_EPOCH: the train split built as one exhaustive epoch
+    val_samples: int  # per evaluation, or ONE_EPOCH: the whole validation split (Data.val_samples)
     val_batch_size: int
 
 
@@ -60,15 +60,20 @@ def plan_batches(cfg, dp_size: int) -> BatchPlan:
             f"step_scheduler.global_batch_size: {g} is not a multiple of local_batch_size ({l}) x "
             f"data-parallel size ({dp_size})"
         )
-    precheck.check_max_steps(ss)
-    train_samples = cfg.dataset.num_train_samples or ss.max_steps * g
-    val_samples = cadence.val_samples_per_run(ss, cfg.validation_dataset.num_val_samples, g)
+    cadence.check(ss)
+    # NeMo's MegatronPretraining: num_train_samples if set, else max_steps x the global batch, else
+    # (no max_steps) Megatron's exhaustive one-epoch build. (NeMo also asserts num_train_samples >=
+    # max_steps x the batch; fewer is allowed here: the run then ends when num_epochs passes end.)
+    num_train = cfg.dataset.num_train_samples
+    train_samples = num_train or (ONE_EPOCH if ss.max_steps is None else ss.max_steps * g)
+    val_samples = cadence.val_samples_per_run(ss, cfg.validation_dataset.num_val_samples, g, num_train)
     val_batch = cfg.validation_dataset.global_batch_size or l * dp_size
     if val_batch % dp_size:
         raise UserError(f"validation_dataset.global_batch_size: {val_batch} is not a multiple of dp size {dp_size}")
-    if 0 < val_samples < val_batch:
+    if 0 < val_samples < val_batch:  # (ONE_EPOCH's count is checked once the split is built)
         raise UserError(f"validation_dataset.num_val_samples: {val_samples} is fewer than one validation batch ({val_batch})")
-    return BatchPlan(g, l, dp_size, g // (l * dp_size), int(ss.max_steps), int(train_samples), int(val_samples), int(val_batch))
+    max_steps = None if ss.max_steps is None else int(ss.max_steps)
+    return BatchPlan(g, l, dp_size, g // (l * dp_size), max_steps, int(train_samples), int(val_samples), int(val_batch))
 
 
 # ------------------------------------------------------------------------------------------------- mesh
@@ -170,13 +175,15 @@ def loss_chunk_size(cfg) -> int:
     return chunk
 
 
-def build_training(cfg, mesh, plan: BatchPlan, hf_config=None) -> Training:
+def build_training(cfg, mesh, plan: BatchPlan, hf_config=None, total_steps: int | None = None) -> Training:
+    """The sharded model, optimizer and compiled steps; `total_steps`: the run's length (Data.total_steps),
+    which the schedule's unset lengths follow; None: step_scheduler.max_steps."""
     hf_config = hf_config or model_config(cfg)
     model = build_model(cfg, hf_config, mesh)
     n_params = M.param_count(model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     del model
-    lr_schedule, wd_schedule = schedule_lib.from_config(cfg), schedule_lib.wd_from_config(cfg)
+    lr_schedule, wd_schedule = schedule_lib.from_config(cfg, total_steps), schedule_lib.wd_from_config(cfg, total_steps)
     optimizer = build_optimizer(cfg, lr_schedule)  # its state and shardings; the step builds its own
     param_shardings = jax.tree.map(lambda a: a.sharding, params)
     # AdamW's moments take their parameter's sharding; scalars (the update count) are replicated.
@@ -229,7 +236,8 @@ class Data:
     validation: object | None
     loader: Loader  # this process's share of every train batch, in the sampler's order
     steps_per_epoch: int
-    total_steps: int  # max_steps, or fewer when num_epochs runs out first
+    total_steps: int  # the run's length: cadence.total_steps (max_steps, or num_epochs x steps_per_epoch)
+    val_samples: int = 0  # per evaluation (plan.val_samples, or the whole split's for ONE_EPOCH)
 
 
 def build_data(cfg, plan: BatchPlan, vocab_size: int | None = None) -> Data:
@@ -247,28 +255,32 @@ def _build_data(cfg, plan: BatchPlan, plain, vocab_size: int | None) -> Data:
         plain(ds_cfg.paths), seq_length=ds_cfg.seq_length, split=ds_cfg.split, seed=ds_cfg.seed,
         num_samples=(plan.train_samples, 0, 0), cache_dir=ds_cfg.index_mapping_dir, vocab_size=vocab_size,
     )[0]
-    val_ds = None
+    val_ds, val_samples = None, 0
     if plan.val_samples:
         val_ds = build_gpt_datasets(
             plain(val_cfg.paths), seq_length=val_cfg.seq_length, split=val_cfg.split, seed=val_cfg.seed,
             num_samples=(0, plan.val_samples, 0), cache_dir=val_cfg.index_mapping_dir, vocab_size=vocab_size,
         )[1]
+        val_samples = len(val_ds) if plan.val_samples == ONE_EPOCH else plan.val_samples
+        if val_samples < plan.val_batch_size:
+            field = "validation_dataset.num_val_samples" if plan.val_samples != ONE_EPOCH else "validation_dataset.split"
+            raise UserError(f"{field}: {val_samples} validation samples are fewer than one validation batch ({plan.val_batch_size})")
     steps_per_epoch = len(train_ds) // plan.global_batch_size
     if steps_per_epoch == 0:
         raise UserError(f"dataset.paths: {len(train_ds)} train samples do not fill one global batch of {plan.global_batch_size}")
-    total_steps = min(plan.max_steps, steps_per_epoch * int(cfg.step_scheduler.num_epochs))
+    total_steps = cadence.total_steps(plan.max_steps, steps_per_epoch, int(cfg.step_scheduler.num_epochs))
     loader = make_loader(
         train_ds, global_batch_size=plan.global_batch_size, process_index=jax.process_index(),
         process_count=jax.process_count(), num_batches=total_steps, worker_count=int(ds_cfg.worker_count), repeat=True,
     )
-    return Data(train_ds, val_ds, loader, steps_per_epoch, total_steps)
+    return Data(train_ds, val_ds, loader, steps_per_epoch, total_steps, val_samples)
 
 
 def validation_loader(data: Data, plan: BatchPlan) -> Loader:
     """A fresh pass over the validation samples (the same ones every time, as the seed evaluates)."""
     return make_loader(
         data.validation, global_batch_size=plan.val_batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count(), num_batches=plan.val_samples // plan.val_batch_size,
+        process_count=jax.process_count(), num_batches=data.val_samples // plan.val_batch_size,
     )
 
 
@@ -310,7 +322,7 @@ def setup(cfg, source: str | None = None) -> Run:
 
         hellaswag_items = hellaswag.load_items(cfg.eval.hellaswag_path, cfg.eval.hellaswag_limit)
     data = build_data(cfg, plan, vocab_size=int(hf_config.vocab_size))
-    training = build_training(cfg, mesh, plan, hf_config)
+    training = build_training(cfg, mesh, plan, hf_config, data.total_steps)
     check_memory(cfg, training, plan, mesh)  # before any checkpoint is touched
     state, data_iter = training.state, iter(data.loader)
     ckpt, start_step = None, 0
@@ -331,7 +343,7 @@ def setup(cfg, source: str | None = None) -> Run:
             if ratio:
                 log.info("Global batch %d -> %d since the checkpoint: the data continues at sample %d, as Megatron's sampler "
                          "continues from its consumed samples", saved_batch, batch, data_iter.get_state()["next_index"] * batch)
-            changed = schedule_lib.changes_since(meta.get("config", {}), cfg)
+            changed = schedule_lib.changes_since(meta.get("config", {}), cfg, data.total_steps)
             if changed:
                 log.info("Schedule changed since the checkpoint: %s; the config's values apply from step %d on",
                          ", ".join(changed), latest + 1)
