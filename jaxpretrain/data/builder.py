@@ -269,8 +269,8 @@ def build_gpt_datasets(
                         "samples: set step_scheduler.max_steps (or dataset.num_train_samples / validation_dataset.num_val_samples)"
                     )
                 norm = gd.normalize(weights)
-                target = _size_per_dataset(norm, sizes[i])
-                buffer = _size_per_dataset(norm, sizes[i], MID_LEVEL_DATASET_SURPLUS)
+                target = _size_per_dataset(norm, size)
+                buffer = _size_per_dataset(norm, size, MID_LEVEL_DATASET_SURPLUS)
                 parts = [
                     gd.GPTDataset.planned(open_indexed(p), p, lo, hi, n, name, config) for p, n in zip(prefixes, buffer)
                 ]

@@ -24,22 +24,24 @@ from jaxpretrain.errors import UserError
 NEMO_VAL_CHECK_INTERVAL = 1000
 
 
+def _count(value, lowest: int) -> bool:
+    """An int (not a bool) of at least `lowest`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lowest
+
+
 def check(step_scheduler) -> None:
     """The cadence fields as NeMo's StepScheduler accepts them (it raises on the same values)."""
-    max_steps = step_scheduler.max_steps
-    if max_steps is not None and (not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps <= 0):
+    ss = step_scheduler
+    if ss.max_steps is not None and not _count(ss.max_steps, 1):
         raise UserError(f"step_scheduler.max_steps: must be a positive number of steps (none: num_epochs whole "
-                        f"epochs), got {max_steps!r}")
-    epochs = step_scheduler.num_epochs
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs <= 0:
-        raise UserError(f"step_scheduler.num_epochs: must be a positive number of passes over the train split, got {epochs!r}")
-    ckpt = step_scheduler.ckpt_every_steps
-    if not isinstance(ckpt, int) or isinstance(ckpt, bool) or ckpt <= 0:
-        raise UserError(f"step_scheduler.ckpt_every_steps: must be a positive number of steps, got {ckpt!r}")
-    val = step_scheduler.val_every_steps
-    if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 0):
+                        f"epochs), got {ss.max_steps!r}")
+    if not _count(ss.num_epochs, 1):
+        raise UserError(f"step_scheduler.num_epochs: must be a positive number of passes over the train split, got {ss.num_epochs!r}")
+    if not _count(ss.ckpt_every_steps, 1):
+        raise UserError(f"step_scheduler.ckpt_every_steps: must be a positive number of steps, got {ss.ckpt_every_steps!r}")
+    if ss.val_every_steps is not None and not _count(ss.val_every_steps, 0):
         raise UserError(f"step_scheduler.val_every_steps: must be a number of steps (0: never; none: only at "
-                        f"checkpoints), got {val!r}")
+                        f"checkpoints), got {ss.val_every_steps!r}")
 
 
 def validation_runs(step_scheduler) -> bool:
