@@ -3,8 +3,8 @@
 A recipe YAML's step_scheduler section goes through our config layer (so the keys it leaves out take
 our filled-in defaults) into train/cadence.py; the same section goes to NeMo's
 `StepSchedulerConfig(**section).build(...)` (local_batch_size as NeMo's recipe passes it), whose
-scheduler iterates a dataloader of the same epoch length. Every step's pair (validate, checkpoint)
-must agree, SIGTERM's step included, and both must end at the same step.
+scheduler iterates a dataloader of the same epoch length. Every step's (validate, checkpoint, log to
+W&B) must agree, SIGTERM's step included, and both must end at the same step.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ CASES = {
     # periodic validation, 10 epochs) fill the rest.
     "nemo-defaults": ({"max_steps": 260}, 500, None),
     "seed-like": ({"global_batch_size": 8, "local_batch_size": 4, "ckpt_every_steps": 10, "val_every_steps": 4,
-                   "num_epochs": 1, "max_steps": 30}, 50, 16),
+                   "num_epochs": 1, "max_steps": 30, "log_remote_every_steps": 4}, 50, 16),
     # The epochs run out (3 x 9 steps) before max_steps; epoch ends checkpoint; no checkpoint validation.
     "epochs-end-first": ({"global_batch_size": 4, "local_batch_size": 2, "ckpt_every_steps": 7, "val_every_steps": 5,
                           "num_epochs": 3, "max_steps": 100, "validate_on_checkpoint": False}, 9, 12),
@@ -30,7 +30,7 @@ CASES = {
                               "max_steps": 40, "save_checkpoint_every_epoch": False}, 11, 20),
     # No max_steps: NeMo's full-epoch training, num_epochs x the epoch's steps (3 x 13).
     "no-max-steps": ({"global_batch_size": 4, "local_batch_size": 2, "ckpt_every_steps": 10, "val_every_steps": 4,
-                      "num_epochs": 3}, 13, None),
+                      "num_epochs": 3, "log_remote_every_steps": 5}, 13, None),
 }
 
 
@@ -58,7 +58,7 @@ def test_validation_and_checkpoint_steps_are_nemos(tmp_path, section, epoch_len,
             step = nemo.step + 1  # NeMo counts from 0 before its increment
             if step == sigterm_step:
                 nemo.sigterm_flag = True  # what its signal handler sets
-            theirs.append((step, nemo.is_val_step, nemo.is_ckpt_step))
+            theirs.append((step, nemo.is_val_step, nemo.is_ckpt_step, nemo.is_remote_logging_step))
         if nemo.sigterm_flag:
             break
 
@@ -68,8 +68,8 @@ def test_validation_and_checkpoint_steps_are_nemos(tmp_path, section, epoch_len,
     ours = []
     for step in range(1, total + 1):
         stopping = step == sigterm_step
-        ours.append((step, cadence.validate(step, stopping), cadence.checkpoint(step, stopping)))
+        ours.append((step, cadence.validate(step, stopping), cadence.checkpoint(step, stopping), cadence.log_remote(step)))
         if stopping:
             break
     assert ours == theirs
-    assert any(v for _, v, _ in ours) and any(c for _, _, c in ours)  # the cases exercise both
+    assert any(v for _, v, _, _ in ours) and any(c for _, _, c, _ in ours)  # the cases exercise both

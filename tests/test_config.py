@@ -44,6 +44,7 @@ def test_seed_yaml_is_the_124m_preset_field_for_field():
         "global_batch_size": 512, "local_batch_size": 32, "ckpt_every_steps": 1000, "save_checkpoint_every_epoch": True,
         "val_every_steps": 250,
         "validate_on_checkpoint": True, "num_epochs": 1, "max_steps": 18500, "preemption_signal": "SIGTERM",
+        "log_remote_every_steps": 1,  # NeMo's default (the seed leaves it out)
     }
     assert (preset["optimizer"]["lr"], preset["optimizer"]["betas"], preset["optimizer"]["weight_decay"]) == (6e-4, [0.9, 0.95], 0.1)
     assert (preset["lr_scheduler"]["lr_warmup_steps"], preset["rng"]["seed"]) == (700, 1111)

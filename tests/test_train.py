@@ -92,19 +92,56 @@ def test_train_logs_the_seed_lines_and_loss_falls(baseline_run):
     assert "Processes: launch: single process | process 0 of 1 | local devices 1 (cpu) | global devices 1" in out
 
 
+# A stand-in for the `wandb` package (not installed for the tests: W&B needs an account and the
+# network): it records the calls the trainer makes, with the signatures of wandb's own init/log/finish.
+WANDB_STAND_IN = textwrap.dedent("""
+    import json, os
+
+    def _record(call, **fields):
+        with open(os.environ["WANDB_CALLS"], "a") as f:
+            f.write(json.dumps({"call": call, **fields}) + "\\n")
+
+    class _Run:
+        def log(self, data, step=None, commit=None):
+            _record("log", keys=sorted(data), step=step)
+
+        def finish(self, exit_code=None, quiet=None):
+            _record("finish")
+
+    def init(*, project=None, entity=None, name=None, dir=None, config=None, resume=None, **kwargs):
+        _record("init", project=project, name=name, resume=resume, config_steps=config["step_scheduler"]["max_steps"])
+        return _Run()
+""")
+
+
 @pytest.mark.parametrize("val_every, on_checkpoint, validated", [(4, False, [4]), ("none", True, [3, 6])])
 def test_validation_cadence_follows_nemos_step_scheduler(corpus, tmp_path, val_every, on_checkpoint, validated):
     """NeMo's step_scheduler.validate_on_checkpoint: false: checkpoints every 3 steps and at the last
     (6) cost no validation; val_every_steps (4) still runs. val_every_steps: none (NeMo's default):
-    validation only at the checkpoint steps. (tests/test_cadence.py: step for step vs NeMo.)"""
+    validation only at the checkpoint steps. (tests/test_cadence.py: step for step vs NeMo.) W&B gets
+    the train metrics every log_remote_every_steps (4: steps 1 and 5, NeMo's 0 and 4) and every
+    validation."""
     ckpt = str(tmp_path / "ckpt")
+    stand_in = tmp_path / "stand_in"
+    stand_in.mkdir()
+    (stand_in / "wandb.py").write_text(WANDB_STAND_IN)
+    calls = tmp_path / "wandb_calls.jsonl"
     o = tiny_overrides(corpus, ckpt, **{"step_scheduler.max_steps": 6, "step_scheduler.ckpt_every_steps": 3,
                                         "step_scheduler.val_every_steps": val_every,
-                                        "step_scheduler.validate_on_checkpoint": on_checkpoint})
-    r = python("-m", "jaxpretrain.train", *as_flags(o))
+                                        "step_scheduler.validate_on_checkpoint": on_checkpoint,
+                                        "step_scheduler.log_remote_every_steps": 4, "wandb.project": "cadence"})
+    env = {"PYTHONPATH": os.pathsep.join([str(stand_in), os.environ.get("PYTHONPATH", "")]), "WANDB_CALLS": str(calls)}
+    r = python("-m", "jaxpretrain.train", *as_flags(o), env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert [int(m.group(1)) for m in map(VAL_LINE.search, r.stdout.splitlines()) if m] == validated
     assert sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) == [3, 6]
+    recorded = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert recorded[0] == {"call": "init", "project": "cadence", "name": None, "resume": "allow", "config_steps": 6}
+    assert recorded[-1] == {"call": "finish"}
+    logged = [(c["keys"][0].split("/")[0], c["step"]) for c in recorded[1:-1]]
+    assert [s for kind, s in logged if kind == "train"] == [1, 5]
+    assert [s for kind, s in logged if kind == "val"] == validated
+    assert all(c["call"] == "log" for c in recorded[1:-1])
 
 
 @pytest.mark.parametrize("step", [None, 6])

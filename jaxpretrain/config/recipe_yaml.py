@@ -78,8 +78,8 @@ FIELDS = {
         "num_epochs": "step_scheduler.num_epochs",
         "max_steps": "step_scheduler.max_steps",
         "preemption_signal": "step_scheduler.preemption_signal",
-        "log_remote_every_steps": None,
-        "loss_average_window_steps": None,
+        "log_remote_every_steps": "step_scheduler.log_remote_every_steps",
+        "loss_average_window_steps": None,  # NeMo's LLM recipes never read it (only its retrieval recipes)
     },
     "dist_env": {"backend": None, "timeout_minutes": None},
     "rng": {"seed": "rng.seed", "ranked": None},

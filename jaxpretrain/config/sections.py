@@ -107,6 +107,10 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     # the train samples built. None: num_epochs whole passes over a train split built as one
     # exhaustive epoch (NeMo's full-epoch training, Megatron's size None).
     s.max_steps = FieldReference(18500, field_type=int)  # a number that may be set to None
+    # Send train metrics to W&B every this many steps (NeMo's remote logging: steps 1, n + 1, 2n + 1,
+    # ..., its 0, n, 2n counted from 0); the JSONL files, TensorBoard, validation and HellaSwag
+    # metrics get every record.
+    s.log_remote_every_steps = 1
 
     c.rng = ml_collections.ConfigDict()
     # Seed of model init and dropout (the dataset has its own seed, dataset.seed).

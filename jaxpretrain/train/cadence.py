@@ -6,6 +6,8 @@ in tests/test_cadence.py.
 
   checkpoint  every `ckpt_every_steps`, at the end of each epoch (`save_checkpoint_every_epoch`),
               at the last step, and when the run is stopping (SIGTERM, Ctrl-C, time limit).
+  remote log  train metrics to W&B every `log_remote_every_steps`: NeMo's steps 0, n, 2n, ..., so
+              here 1, n + 1, 2n + 1, ... (JSONL, TensorBoard and validation get every record).
   validation  every `val_every_steps` (None or 0: never periodically) and at each checkpoint step
               (`validate_on_checkpoint`), but not while stopping: a preemption's grace period goes
               to the checkpoint. `val_every_steps: 0` turns validation off altogether (no
@@ -39,6 +41,8 @@ def check(step_scheduler) -> None:
         raise UserError(f"step_scheduler.num_epochs: must be a positive number of passes over the train split, got {ss.num_epochs!r}")
     if not _count(ss.ckpt_every_steps, 1):
         raise UserError(f"step_scheduler.ckpt_every_steps: must be a positive number of steps, got {ss.ckpt_every_steps!r}")
+    if not _count(ss.log_remote_every_steps, 1):
+        raise UserError(f"step_scheduler.log_remote_every_steps: must be a positive number of steps, got {ss.log_remote_every_steps!r}")
     if ss.val_every_steps is not None and not _count(ss.val_every_steps, 0):
         raise UserError(f"step_scheduler.val_every_steps: must be a number of steps (0: never; none: only at "
                         f"checkpoints), got {ss.val_every_steps!r}")
@@ -86,12 +90,14 @@ class Cadence:
     validate_on_checkpoint: bool
     save_checkpoint_every_epoch: bool
     has_validation: bool  # validation data was built
+    log_remote_every_steps: int = 1
 
     @classmethod
     def from_config(cls, step_scheduler, *, total_steps: int, steps_per_epoch: int, has_validation: bool) -> Cadence:
         ss = step_scheduler
         return cls(int(total_steps), int(steps_per_epoch), int(ss.ckpt_every_steps), ss.val_every_steps,
-                   bool(ss.validate_on_checkpoint), bool(ss.save_checkpoint_every_epoch), bool(has_validation))
+                   bool(ss.validate_on_checkpoint), bool(ss.save_checkpoint_every_epoch), bool(has_validation),
+                   int(ss.log_remote_every_steps))
 
     @classmethod
     def of_run(cls, step_scheduler, data) -> Cadence:
@@ -108,6 +114,10 @@ class Cadence:
             return False
         periodic = bool(self.val_every_steps) and step % self.val_every_steps == 0
         return periodic or (self.validate_on_checkpoint and self.checkpoint(step))
+
+    def log_remote(self, step: int) -> bool:
+        """Whether the step's train metrics go to W&B (NeMo's is_remote_logging_step)."""
+        return (step - 1) % self.log_remote_every_steps == 0
 
     def describe(self) -> str:
         """For the run's "Steps:" line: when it validates and checkpoints."""

@@ -79,7 +79,7 @@ class Trainer:
         self.last_train: tuple[int, float] | None = None  # (step, loss) of the newest step reported
         self.last_val: tuple[int, float] | None = None
         self.hellaswag = self._prepare_hellaswag()
-        self.cadence = Cadence.of_run(cfg.step_scheduler, r.data)  # which steps validate and checkpoint
+        self.cadence = Cadence.of_run(cfg.step_scheduler, r.data)  # which steps validate, checkpoint, log to W&B
 
     def write_config(self, loaded) -> None:
         """`<run_dir>/config.yaml`: every field of this run, which `--config` takes back (process 0)."""
@@ -193,7 +193,7 @@ class Trainer:
                 step, self.epoch(step), values["loss"], values["grad_norm"], values["lr"], values["mem"],
                 tps, n_dev, values["num_label_tokens"], mfu,
             ))
-        self.sinks.log("train", step, values | ({"mfu": mfu} if mfu is not None else {}))
+        self.sinks.log("train", step, values | ({"mfu": mfu} if mfu is not None else {}), remote=self.cadence.log_remote(step))
         self.last_train = (step, loss)
 
     def report_saved(self) -> None:

@@ -66,7 +66,8 @@ def format_val_line(step, epoch, loss, lr, num_label_tokens) -> str:
 
 
 class MetricSinks:
-    """Every metric of every step to `<run_dir>/{train,validation}.jsonl`, TensorBoard, and W&B if set.
+    """Every metric of every step to `<run_dir>/{train,validation}.jsonl`, TensorBoard, and W&B if set
+    (train metrics on the steps the cadence's log_remote picks).
 
     Only process 0 writes; the others get a no-op instance so the loop needs no branches.
     A run resumed at `resume_step` first drops what a killed predecessor logged after that step (and a
@@ -103,7 +104,8 @@ class MetricSinks:
                 dir=wandb_cfg.save_dir, config=config_dict, resume="allow",
             )
 
-    def log(self, kind: str, step: int, metrics: dict) -> None:
+    def log(self, kind: str, step: int, metrics: dict, *, remote: bool = True) -> None:
+        """One record to the JSONL file and TensorBoard; to W&B too unless `remote` is false."""
         if not self.enabled:
             return
         record = {"step": step, "time": time.time(), **metrics}
@@ -116,7 +118,7 @@ class MetricSinks:
         for name, value in metrics.items():
             if isinstance(value, (int, float)):
                 self._tb.add_scalar(f"{prefix}/{name}", value, step)
-        if self._wandb is not None:
+        if self._wandb is not None and remote:
             self._wandb.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
 
     def close(self) -> None:
