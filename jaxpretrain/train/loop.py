@@ -48,7 +48,7 @@ def run(cfg, loaded=None) -> int:
         r = setup(cfg, source=loaded.source if loaded is not None else None)
         trainer = Trainer(r, stop)
         trainer.write_config(loaded)
-        report.log_experiment(r, float(M.param_l2_norm(r.state["params"])), trainer.run_dir)
+        report.log_experiment(r, float(M.param_l2_norm(r.state["params"])), trainer.run_dir, trainer.cadence)
         code = trainer.train()
         processes.leave_run()  # together, and immune to srun's SIGTERM to the stragglers (see there)
     return code

@@ -12,7 +12,6 @@ import sys
 
 import jax
 
-from jaxpretrain.train.cadence import Cadence
 
 log = logging.getLogger("jaxpretrain")
 
@@ -29,9 +28,10 @@ def setup_logging() -> None:
     log.propagate = False
 
 
-def log_experiment(run, l2: float, run_dir: str) -> None:
+def log_experiment(run, l2: float, run_dir: str, cadence) -> None:
     """The seed's experiment block, with a short config summary instead of the whole config (which
-    goes to `<run_dir>/config.yaml`): who, where, what trains on what, library versions, the model."""
+    goes to `<run_dir>/config.yaml`): who, where, what trains on what, library versions, the model;
+    `cadence` is the trainer's (train/cadence.py: when it validates and checkpoints)."""
     cfg, mesh, plan, data = run.cfg, run.mesh, run.plan, run.data
     log.info("Experiment_details:")
     log.info("Timestamp: '%s'", datetime.datetime.now().isoformat(timespec="seconds"))
@@ -53,7 +53,7 @@ def log_experiment(run, l2: float, run_dir: str) -> None:
     log.info(
         "Steps: %d%s, %d tokens each (global batch %d x seq %d), %s",
         data.total_steps, epochs, plan.global_batch_size * cfg.dataset.seq_length, plan.global_batch_size,
-        cfg.dataset.seq_length, Cadence.of_run(ss, data).describe(),
+        cfg.dataset.seq_length, cadence.describe(),
     )
     o = cfg.optimizer
     log.info("Optimizer: AdamW lr %g betas %s eps %g weight_decay %g, clip %g", o.lr, tuple(o.betas), o.eps, o.weight_decay, o.max_grad_norm)
