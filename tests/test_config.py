@@ -115,6 +115,87 @@ def test_overrides_are_typed_and_json_lists_and_dicts_parse():
     assert cfg.checkpoint.async_save is False and cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)
 
 
+# NeMo's command-line overrides of a recipe YAML, each of its forms: `--key VALUE`, `--key=VALUE`, a
+# bare `--key` (true), nested keys, Python literals (a list, none, a float), a key the file lacks.
+NEMO_FLAGS = [
+    "--step_scheduler.max_steps", "7", "--model.config.n_layer=3", "--clip_grad_norm.max_norm", "0.5",
+    "--optimizer.lr=1e-4", "--optimizer.betas", "[0.9, 0.99]", "--checkpoint.enabled", "false",
+    "--dataset.tokenizer.pretrained_model_name_or_path", "gpt2", "--step_scheduler.val_every_steps", "none",
+    "--checkpoint.save_consolidated", "--checkpoint.model_save_format", "safetensors", "--dataloader.num_workers=2",
+    "--dataset.paths", "['30', 'a/p_0_text_document', '70', 'a/p_1_text_document']",
+]
+
+
+def test_nemo_style_flags_set_the_yaml_as_nemos_own_parser_does(monkeypatch):
+    """NeMo's `parse_args_and_load_config` applies the flags to the seed's YAML; ours, applied to the
+    same YAML, must give the same mapping (both read through NeMo's ConfigNode); and the config our
+    command line builds from them holds the flags' values."""
+    pytest.importorskip("nemo_automodel")
+    import yaml
+    from nemo_automodel.components.config import _arg_parser, loader
+
+    from jaxpretrain.config import nemo_yaml
+
+    # NeMo imports each `_target_` as it loads (torch, torchao...): keep them the strings they are.
+    monkeypatch.setattr(loader, "_resolve_target", lambda target: target)
+    theirs = _arg_parser.parse_args_and_load_config(argv=["--config", SEED_YAML, *NEMO_FLAGS]).to_dict()
+    _, overrides = _arg_parser.parse_cli_argv(argv=["--config", SEED_YAML, *NEMO_FLAGS])
+    with open(SEED_YAML) as f:
+        data = yaml.safe_load(f)
+    nemo_yaml.apply(data, tuple(("--" + kv.split("=", 1)[0], kv.split("=", 1)[1]) for kv in overrides))
+    assert loader.ConfigNode(data).to_dict() == theirs
+
+    ours = parse("-c", SEED_YAML, *NEMO_FLAGS).cfg
+    assert (ours.step_scheduler.max_steps, ours.model.n_layer, ours.optimizer.max_grad_norm, ours.optimizer.lr) == (7, 3, 0.5, 1e-4)
+    assert (tuple(ours.optimizer.betas), ours.checkpoint.enabled, ours.checkpoint.save_consolidated) == ((0.9, 0.99), False, True)
+    assert (ours.dataset.tokenizer, ours.step_scheduler.val_every_steps, ours.dataset.worker_count) == ("gpt2", None, 2)
+    assert plain(ours.dataset.paths) == ["30", "a/p_0_text_document", "70", "a/p_1_text_document"]
+
+
+ENV_STRINGS = ["${DATA}/p_0", "${oc.env:DATA}/x", "${UNSET_VAR,fallback}/y", "$DATA.dir/z", "${ DATA }", "plain", "a$DATA$DATA"]
+
+
+def test_environment_references_resolve_as_nemos(monkeypatch, tmp_path):
+    pytest.importorskip("nemo_automodel")
+    from nemo_automodel.components.config.loader import resolve_yaml_env_vars
+
+    from jaxpretrain.config.nemo_yaml import Where, resolve_env
+
+    monkeypatch.setenv("DATA", "/data/fineweb")
+    monkeypatch.setenv("DATA.dir", "/data/dotted")
+    monkeypatch.delenv("UNSET_VAR", raising=False)
+    where = Where("r.yaml", {}, ())
+    assert [resolve_env(v, where) for v in ENV_STRINGS] == [resolve_yaml_env_vars(v) for v in ENV_STRINGS]
+    # In a recipe: the paths come from the environment; an unset variable is one line naming the key.
+    p = tmp_path / "r.yaml"
+    p.write_text("model:\n  config:\n    pretrained_model_name_or_path: gpt2\n"
+                 "dataset:\n  paths: ${DATA}/processed_data_0_text_document\n  index_mapping_dir: ${MAPS,/tmp/maps}\n")
+    cfg = parse("--config", str(p)).cfg
+    assert (cfg.dataset.paths, cfg.dataset.index_mapping_dir) == ("/data/fineweb/processed_data_0_text_document", "/tmp/maps")
+    with pytest.raises(UserError) as e:
+        parse("--config", str(p), "--dataset.seq_length", "$UNSET_VAR")
+    assert str(e.value) == "--dataset.seq_length: environment variable UNSET_VAR is not set (needed by $UNSET_VAR)"
+
+
+@pytest.mark.parametrize("config, flags, expected", [
+    (SEED_YAML, ["--step_scheduler.max_stepz", "7"], "--step_scheduler.max_stepz: not supported (supported: global_batch_size"),
+    (SEED_YAML, ["--peft.dim", "8"], "--peft.dim: section not supported"),
+    (SEED_YAML, ["--model.config.n_layers=3"], "--model.config.n_layers: not a model field"),
+    (SEED_YAML, ["--optimizer.lr", "fast"], "--optimizer.lr: 'fast' is not a number"),
+    ("configs/gpt2.py:tiny", ["--step_scheduler.max_stepz", "7"], "--step_scheduler.max_stepz: no such config field"),
+])
+def test_nemo_style_flag_mistakes_name_the_flag(config, flags, expected):
+    with pytest.raises(UserError) as e:
+        parse("--config", config, *flags)
+    assert expected in str(e.value)
+
+
+def test_nemo_style_flags_of_a_python_config_are_its_fields():
+    cfg = parse("--config", "configs/gpt2.py:tiny", "--step_scheduler.max_steps", "7", "--model.n_layer=3",
+                "--config.model.n_layer=4").cfg
+    assert (cfg.step_scheduler.max_steps, cfg.model.n_layer) == (7, 4)  # --config.* apply last
+
+
 def test_validation_fields_default_to_the_train_section():
     cfg = parse("--config", "configs/gpt2.py:tiny", "--config.dataset.paths=other/*", "--config.dataset.seq_length=64").cfg
     v = cfg.validation_dataset

@@ -1,5 +1,6 @@
-"""The command line of `train` and `bench`: `--config SPEC`, `--config.section.field=value`, the CLI's
-own flags, and `--help`, which lists every field with its default and its comment. No jax import."""
+"""The command line of `train` and `bench`: `--config SPEC`, `--config.section.field=value`, NeMo's
+`--section.key VALUE` (config/nemo_yaml.py), the CLI's own flags, and `--help`, which lists every
+field with its default and its comment. No jax import."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import textwrap
 
 from jaxpretrain.config import docs as docs_lib
+from jaxpretrain.config import nemo_yaml
 from jaxpretrain.config.files import DEFAULT_CONFIG, REPO_ROOT, Loaded, load, load_module, presets_of, resolve_path, split_spec
 from jaxpretrain.config.overrides import leaf_paths, set_field
 from jaxpretrain.errors import UserError
@@ -42,14 +44,14 @@ class Parsed:
 def parse(argv: list[str], *, prog: str, description: str, flags: tuple[Flag, ...] = ()) -> Parsed:
     """Parse a train/bench command line; `--help` prints the help and exits 0; mistakes are UserErrors."""
     own = {f"--{f.name}": f for f in flags}
-    spec, overrides, values = None, [], {f.name.replace("-", "_"): f.default for f in flags}
+    spec, overrides, nemo, values = None, [], [], {f.name.replace("-", "_"): f.default for f in flags}
     i, want_help = 0, False
     while i < len(argv):
         arg = argv[i]
         name, eq, value = arg.partition("=")
         if arg in ("-h", "--help", "-help", "--helpfull"):
             want_help = True
-        elif name == "--config":
+        elif name in ("--config", "-c"):  # -c: NeMo's short form
             if not eq:
                 i += 1
                 if i >= len(argv):
@@ -63,6 +65,10 @@ def parse(argv: list[str], *, prog: str, description: str, flags: tuple[Flag, ..
                     raise UserError(f"{name}: needs a value ({name}=VALUE)")
                 value = argv[i]
             overrides.append((name, value))
+        elif nemo_yaml.is_nemo_flag(name):  # NeMo's `--section.key VALUE`: a key of the --config file
+            if not eq:
+                value, i = nemo_yaml.value_of(argv, i)
+            nemo.append((name, value))
         elif name in own:
             flag = own[name]
             if flag.type is bool and not eq:
@@ -74,7 +80,7 @@ def parse(argv: list[str], *, prog: str, description: str, flags: tuple[Flag, ..
                 value = argv[i]
             values[flag.name.replace("-", "_")] = _flag_value(flag, value)
         else:
-            known = ", ".join(["--config", "--config.SECTION.FIELD=VALUE", *own, "--help"])
+            known = ", ".join(["--config", "--config.SECTION.FIELD=VALUE", "--SECTION.KEY VALUE (NeMo's)", *own, "--help"])
             raise UserError(f"{arg}: unknown flag (flags: {known})")
         i += 1
     if want_help:
@@ -82,7 +88,7 @@ def parse(argv: list[str], *, prog: str, description: str, flags: tuple[Flag, ..
         raise SystemExit(0)
     if spec is None:
         raise UserError(f"--config: required, e.g. --config {DEFAULT_CONFIG}:tiny (see --help)")
-    loaded = load(spec, tuple(overrides))
+    loaded = load(spec, tuple(overrides), tuple(nemo))
     for flag, value in overrides:
         set_field(loaded.cfg, loaded.types, flag[len("--config."):], value, flag=flag)
     return Parsed(loaded, values)
@@ -126,6 +132,9 @@ def help_text(prog: str, description: str, spec: str | None, flags: tuple[Flag, 
         "(the seed's megatron_pretrain_gpt2.yaml, as is), or the config.yaml a run writes to its run directory.",
         "Any field below can be overridden: --config.step_scheduler.max_steps=100; `none` unsets a field;",
         "lists and dicts are JSON: --config.dataset.paths='[\"30\", \"prefix_0\", \"70\", \"prefix_1\"]'.",
+        "NeMo's own overrides work too, -c for --config: --SECTION.KEY VALUE sets a key of the CONFIG file",
+        "itself (a recipe YAML's: --model.config.n_layer 6 --clip_grad_norm.max_norm 0.5), before the",
+        "--config.* overrides; a recipe YAML's ${VAR} and ${VAR,default} read the environment, as in NeMo.",
     ]
     if flags:
         out += ["", "flags:"]

@@ -83,16 +83,23 @@ def load_python(path: str, preset: str | None, source: str | None = None) -> Loa
     return Loaded(cfg, field_types(cfg), f"{path}:{name}" if name else path, source or path)
 
 
-def load(spec: str | None, overrides: tuple[tuple[str, str], ...] = ()) -> Loaded:
+def load(spec: str | None, overrides: tuple[tuple[str, str], ...] = (),
+         nemo_flags: tuple[tuple[str, str], ...] = ()) -> Loaded:
     """The config named by --config: a .py file[:preset], a recipe YAML, or an effective config YAML.
-    `overrides` ((flag, value) pairs, applied by the caller afterwards) keep a recipe YAML from noting
-    a NeMo default filled in for a key the command line sets anyway."""
+    `nemo_flags` ((flag, value) pairs of NeMo's `--section.key VALUE`, config/nemo_yaml.py) set keys
+    in that file's own key space first. `overrides` ((flag, value) pairs of `--config.*`, applied by
+    the caller afterwards) keep a recipe YAML from noting a NeMo default for a key they set anyway."""
+    from jaxpretrain.config.overrides import set_field
+
     spec = spec or DEFAULT_CONFIG
     path, preset = split_spec(spec)
     if path.endswith(YAML_SUFFIXES):
         from jaxpretrain.config import recipe_yaml
 
-        return recipe_yaml.load_yaml(resolve_path(path), spec, overrides)
+        return recipe_yaml.load_yaml(resolve_path(path), spec, overrides, nemo_flags)
     if not path.endswith(".py"):
         raise UserError(f"--config {spec}: expected a Python config (configs/gpt2.py[:preset]) or a YAML recipe (.yaml)")
-    return load_python(path, preset, spec)
+    loaded = load_python(path, preset, spec)
+    for flag, value in nemo_flags:  # a Python config's key space is its fields
+        set_field(loaded.cfg, loaded.types, flag[2:], value, flag=flag)
+    return loaded

@@ -16,6 +16,7 @@ import os
 import yaml
 
 from jaxpretrain.config.files import REPO_ROOT, Loaded, load_python, split_spec
+from jaxpretrain.config.nemo_yaml import Where, resolve_env
 from jaxpretrain.config.overrides import set_field
 from jaxpretrain.errors import UserError
 
@@ -130,7 +131,10 @@ DATASET_FIELDS = {
 }
 
 
-def load_yaml(path: str, spec: str, overrides: tuple[tuple[str, str], ...] = ()) -> Loaded:
+def load_yaml(path: str, spec: str, overrides: tuple[tuple[str, str], ...] = (),
+              nemo_flags: tuple[tuple[str, str], ...] = ()) -> Loaded:
+    """A recipe YAML or a run's effective config; `nemo_flags` (NeMo's `--section.key VALUE`) set its
+    keys first, `overrides` (our `--config.*` flags, applied by the caller) only silence notes."""
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
@@ -140,23 +144,24 @@ def load_yaml(path: str, spec: str, overrides: tuple[tuple[str, str], ...] = ())
         raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a YAML mapping of config sections is expected")
-    if BASE_KEY in data:
-        return _load_effective(path, spec, data)
-    return _Recipe(path, spec, data, dict(overrides)).load()
+    where = Where(path, data, nemo_flags)
+    if BASE_KEY in data:  # our own file: its strings are literal
+        return _load_effective(path, spec, data, where)
+    return _Recipe(path, spec, resolve_env(data, where), dict(overrides), where).load()
 
 
 # ------------------------------------------------------------------------------- effective config
 
 
-def _load_effective(path: str, spec: str, data: dict) -> Loaded:
+def _load_effective(path: str, spec: str, data: dict, where: Where) -> Loaded:
     base_path, preset = split_spec(str(data.pop(BASE_KEY)))
     loaded = load_python(base_path, preset, f"{path} ({BASE_KEY})")
     loaded.source = spec
     for section, fields in data.items():
         if not isinstance(fields, dict):
-            raise UserError(f"{path}: {section}: a mapping of fields is expected")
+            raise UserError(f"{where(section)}: a mapping of fields is expected")
         for name, value in fields.items():
-            set_field(loaded.cfg, loaded.types, f"{section}.{name}", value, flag=f"{path}: {section}.{name}")
+            set_field(loaded.cfg, loaded.types, f"{section}.{name}", value, flag=where(f"{section}.{name}"))
     return loaded
 
 
@@ -180,14 +185,15 @@ def write_effective(loaded: Loaded, cfg, path: str) -> None:
 
 
 class _Recipe:
-    def __init__(self, path: str, spec: str, data: dict, overrides: dict[str, str] | None = None):
+    def __init__(self, path: str, spec: str, data: dict, overrides: dict[str, str] | None = None, where: Where | None = None):
         self.path, self.spec, self.data = path, spec, data
+        self.where = where or Where(path, data, ())  # the file, or the NeMo-style flag that set a key
         self.overrides = overrides or {}  # the command line's --config.* flags, applied after loading
         self.notes: list[str] = []
         self.loaded: Loaded | None = None
 
     def error(self, key: str, what: str) -> UserError:
-        return UserError(f"{self.path}: {key}: {what}")
+        return UserError(f"{self.where(key)}: {what}")
 
     def target(self, section: str, node: dict, key: str, allowed) -> str | None:
         target = node.get("_target_")
@@ -199,7 +205,7 @@ class _Recipe:
         return target
 
     def set(self, field: str, value, key: str) -> None:
-        set_field(self.loaded.cfg, self.loaded.types, field, value, flag=f"{self.path}: {key}")
+        set_field(self.loaded.cfg, self.loaded.types, field, value, flag=self.where(key))
 
     def load(self) -> Loaded:
         model = self.data.get("model")
