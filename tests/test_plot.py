@@ -73,10 +73,10 @@ def test_real_run_gives_a_png_with_both_curves(tiny_run, tmp_path):
 
 def effective_config(spec, path):
     """The config.yaml the train CLI writes for `spec`, written without training."""
-    from jaxpretrain.config import files, recipe_yaml
+    from jaxpretrain.config import effective, files
 
     loaded = files.load(spec)
-    recipe_yaml.write_effective(loaded, loaded.cfg, str(path))
+    effective.write_effective(loaded, loaded.cfg, str(path))
 
 
 def test_llmc_reference_for_the_124m_recipe_only(tiny_run, tmp_path):

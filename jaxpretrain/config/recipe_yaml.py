@@ -1,5 +1,5 @@
-"""NeMo Automodel's recipe YAML (the seed's `megatron_pretrain_gpt2.yaml`) as our config, and the
-effective config a run writes (`config.yaml`), read back.
+"""NeMo Automodel's recipe YAML (the seed's `megatron_pretrain_gpt2.yaml`) as our config; `load_yaml`
+also reads back the effective config a run writes (`config.yaml`, config/effective.py).
 
 A recipe YAML starts from the model family's config file at its default preset (`configs/gpt2.py:124m`
 for GPT-2: the seed's recipe), and each section's keys replace fields, as the README's table shows.
@@ -15,12 +15,11 @@ import os
 
 import yaml
 
-from jaxpretrain.config.files import REPO_ROOT, Loaded, load_python, split_spec
+from jaxpretrain.config.effective import BASE_KEY, load_effective
+from jaxpretrain.config.files import REPO_ROOT, Loaded, load_python
 from jaxpretrain.config.nemo_yaml import Where, resolve_env
 from jaxpretrain.config.overrides import set_field
 from jaxpretrain.errors import UserError
-
-BASE_KEY = "base_config"  # present only in an effective config written by a run
 
 # Accepted `_target_` values per section (NeMo's import paths; short aliases it also resolves).
 TARGETS = {
@@ -146,39 +145,8 @@ def load_yaml(path: str, spec: str, overrides: tuple[tuple[str, str], ...] = (),
         raise UserError(f"{path}: a YAML mapping of config sections is expected")
     where = Where(path, data, nemo_flags)
     if BASE_KEY in data:  # our own file: its strings are literal
-        return _load_effective(path, spec, data, where)
+        return load_effective(path, spec, data, where)
     return _Recipe(path, spec, resolve_env(data, where), dict(overrides), where).load()
-
-
-# ------------------------------------------------------------------------------- effective config
-
-
-def _load_effective(path: str, spec: str, data: dict, where: Where) -> Loaded:
-    base_path, preset = split_spec(str(data.pop(BASE_KEY)))
-    loaded = load_python(base_path, preset, f"{path} ({BASE_KEY})")
-    loaded.source = spec
-    for section, fields in data.items():
-        if not isinstance(fields, dict):
-            raise UserError(f"{where(section)}: a mapping of fields is expected")
-        for name, value in fields.items():
-            set_field(loaded.cfg, loaded.types, f"{section}.{name}", value, flag=where(f"{section}.{name}"))
-    return loaded
-
-
-def write_effective(loaded: Loaded, cfg, path: str) -> None:
-    """Write `cfg` (every field) as YAML that `--config path` takes back; atomically."""
-    from jaxpretrain.config.overrides import plain
-
-    body = {BASE_KEY: loaded.base, **plain(cfg)}
-    text = (
-        "# The effective config of a jaxpretrain run: every field, after presets, recipe YAML and overrides.\n"
-        f"# Rerun it with: python -m jaxpretrain.train --config {path}\n"
-        + yaml.safe_dump(body, sort_keys=False, default_flow_style=None, width=120)
-    )
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------- recipe YAML

@@ -85,13 +85,13 @@ class Trainer:
         """`<run_dir>/config.yaml`: every field of this run, which `--config` takes back (process 0)."""
         if jax.process_index() != 0:
             return
-        from jaxpretrain.config import files, recipe_yaml
+        from jaxpretrain.config import effective, files
 
         if loaded is None or not loaded.base:
             family = M.family_of(self.r.training.hf_config).name
             loaded = files.Loaded(self.r.cfg, {}, os.path.join(files.REPO_ROOT, "configs", f"{family}.py"), "")
         os.makedirs(self.run_dir, exist_ok=True)
-        recipe_yaml.write_effective(loaded, self.r.cfg, os.path.join(self.run_dir, "config.yaml"))
+        effective.write_effective(loaded, self.r.cfg, os.path.join(self.run_dir, "config.yaml"))
 
     def epoch(self, step: int) -> int:
         return (step - 1) // self.r.data.steps_per_epoch
