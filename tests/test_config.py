@@ -196,6 +196,22 @@ def test_nemo_style_flags_of_a_python_config_are_its_fields():
     assert (cfg.step_scheduler.max_steps, cfg.model.n_layer) == (7, 4)  # --config.* apply last
 
 
+@pytest.mark.parametrize("block, expected", [
+    # NeMo's WandbConfig: a block turns W&B on, project "automodel" unless named; enable: false turns it off.
+    ("wandb:\n  name: run1\n", {"project": "automodel", "name": "run1"}),
+    ("wandb:\n  project: p\n  enable: false\n", {"project": None}),
+    ("wandb:\n  project: p\n  group: g\n  tags: [a, b]\n  notes: n\n  mode: offline\n  dir: /tmp/w\n",
+     {"project": "p", "group": "g", "tags": ("a", "b"), "notes": "n", "mode": "offline", "save_dir": "/tmp/w"}),
+    ("", {"project": None}),
+])
+def test_a_wandb_block_turns_wandb_on_as_in_nemo(tmp_path, block, expected):
+    p = tmp_path / "r.yaml"
+    p.write_text("model:\n  config:\n    pretrained_model_name_or_path: gpt2\n" + block)
+    loaded = parse("--config", str(p))
+    assert {k: (tuple(v) if k == "tags" else v) for k, v in plain(loaded.cfg.wandb).items() if k in expected} == expected
+    assert ("wandb.project=automodel" in " ".join(loaded.loaded.filled)) == (expected.get("project") == "automodel")
+
+
 def test_validation_fields_default_to_the_train_section():
     cfg = parse("--config", "configs/gpt2.py:tiny", "--config.dataset.paths=other/*", "--config.dataset.seq_length=64").cfg
     v = cfg.validation_dataset

@@ -108,10 +108,21 @@ WANDB_STAND_IN = textwrap.dedent("""
         def finish(self, exit_code=None, quiet=None):
             _record("finish")
 
-    def init(*, project=None, entity=None, name=None, dir=None, config=None, resume=None, **kwargs):
-        _record("init", project=project, name=name, resume=resume, config_steps=config["step_scheduler"]["max_steps"])
+    def init(*, project=None, entity=None, name=None, dir=None, group=None, tags=None, notes=None, mode=None,
+             config=None, id=None, resume=None, **kwargs):
+        _record("init", project=project, name=name, group=group, tags=tags, mode=mode, resume=resume, id=id,
+                config_steps=config["step_scheduler"]["max_steps"], unknown=sorted(kwargs))
         return _Run()
 """)
+
+
+def wandb_stand_in(tmp_path) -> tuple[dict, object]:
+    """The env that puts the stand-in `wandb` first on the path, and the file its calls go to."""
+    stand_in = tmp_path / "stand_in"
+    stand_in.mkdir()
+    (stand_in / "wandb.py").write_text(WANDB_STAND_IN)
+    calls = tmp_path / "wandb_calls.jsonl"
+    return {"PYTHONPATH": os.pathsep.join([str(stand_in), os.environ.get("PYTHONPATH", "")]), "WANDB_CALLS": str(calls)}, calls
 
 
 @pytest.mark.parametrize("val_every, on_checkpoint, validated", [(4, False, [4]), ("none", True, [3, 6])])
@@ -122,21 +133,20 @@ def test_validation_cadence_follows_nemos_step_scheduler(corpus, tmp_path, val_e
     the train metrics every log_remote_every_steps (4: steps 1 and 5, NeMo's 0 and 4) and every
     validation."""
     ckpt = str(tmp_path / "ckpt")
-    stand_in = tmp_path / "stand_in"
-    stand_in.mkdir()
-    (stand_in / "wandb.py").write_text(WANDB_STAND_IN)
-    calls = tmp_path / "wandb_calls.jsonl"
+    env, calls = wandb_stand_in(tmp_path)
     o = tiny_overrides(corpus, ckpt, **{"step_scheduler.max_steps": 6, "step_scheduler.ckpt_every_steps": 3,
                                         "step_scheduler.val_every_steps": val_every,
                                         "step_scheduler.validate_on_checkpoint": on_checkpoint,
-                                        "step_scheduler.log_remote_every_steps": 4, "wandb.project": "cadence"})
-    env = {"PYTHONPATH": os.pathsep.join([str(stand_in), os.environ.get("PYTHONPATH", "")]), "WANDB_CALLS": str(calls)}
+                                        "step_scheduler.log_remote_every_steps": 4, "wandb.project": "cadence",
+                                        "wandb.tags": "tiny,cadence", "wandb.mode": "offline"})
     r = python("-m", "jaxpretrain.train", *as_flags(o), env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert [int(m.group(1)) for m in map(VAL_LINE.search, r.stdout.splitlines()) if m] == validated
     assert sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) == [3, 6]
     recorded = [json.loads(line) for line in calls.read_text().splitlines()]
-    assert recorded[0] == {"call": "init", "project": "cadence", "name": None, "resume": "allow", "config_steps": 6}
+    run_id = (tmp_path / "ckpt" / "logs" / "wandb_run_id").read_text().strip()  # kept for a resume to go on with
+    assert recorded[0] == {"call": "init", "project": "cadence", "name": None, "group": None, "tags": ["tiny", "cadence"],
+                           "mode": "offline", "resume": "allow", "id": run_id, "config_steps": 6, "unknown": []}
     assert recorded[-1] == {"call": "finish"}
     logged = [(c["keys"][0].split("/")[0], c["step"]) for c in recorded[1:-1]]
     assert [s for kind, s in logged if kind == "train"] == [1, 5]
@@ -192,8 +202,10 @@ def test_sigterm_then_resume_gives_identical_losses(baseline_run, corpus, tmp_pa
     base_ckpt, _ = baseline_run
     expected = train_losses(base_ckpt)
     ckpt = str(tmp_path / "ckpt")
-    cmd = [sys.executable, "-m", "jaxpretrain.train", *as_flags(tiny_overrides(corpus, ckpt))]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, "-m", "jaxpretrain.train", *as_flags(tiny_overrides(corpus, ckpt, **{"wandb.project": "resume"}))]
+    env, calls = wandb_stand_in(tmp_path)
+    env = {**os.environ, **env}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -209,9 +221,15 @@ def test_sigterm_then_resume_gives_identical_losses(baseline_run, corpus, tmp_pa
     stop_step = int(stopped.group(1))
     assert stop_step < STEPS
 
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Resumed from" in r.stdout and f"at step {stop_step}" in r.stdout
+    # W&B: the resumed run goes on in the same W&B run, from the step after the checkpoint.
+    recorded = [json.loads(line) for line in calls.read_text().splitlines()]
+    inits = [i for i, c in enumerate(recorded) if c["call"] == "init"]
+    assert len(inits) == 2 and recorded[inits[0]]["id"] == recorded[inits[1]]["id"]
+    after = [c["step"] for c in recorded[inits[1]:] if c["call"] == "log" and c["keys"][0].startswith("train/")]
+    assert after == list(range(stop_step + 1, STEPS + 1))
     resumed = [int(m.group(1)) for m in map(STEP_LINE.search, r.stdout.splitlines()) if m]
     assert resumed[0] == stop_step + 1 and resumed[-1] == STEPS
     got = train_losses(ckpt)

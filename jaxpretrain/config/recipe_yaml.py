@@ -52,6 +52,7 @@ TORCH_ADAMW_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_
 # which train/schedule.py resolves the same way.
 NEMO_SCHEDULER_DEFAULTS = {"lr_warmup_steps": None, "lr_decay_style": "cosine"}
 NEMO_MIN_LR_FRACTION = 0.01  # min_lr = 0.01 x lr
+NEMO_WANDB_PROJECT = "automodel"  # WandbConfig.project's default
 
 
 # NeMo Automodel's `StepSchedulerConfig` (0.7) for a `step_scheduler` key the YAML leaves out, where
@@ -116,7 +117,9 @@ FIELDS = {
         )
     },
     "clip_grad_norm": {"max_norm": "optimizer.max_grad_norm"},
-    "wandb": {"project": "wandb.project", "entity": "wandb.entity", "name": "wandb.name", "save_dir": "wandb.save_dir"},
+    "wandb": {  # NeMo's WandbConfig fields, and the wandb.init arguments it forwards that we take too
+        key: f"wandb.{key}" for key in ("project", "entity", "name", "save_dir", "group", "tags", "notes", "mode")
+    } | {"dir": "wandb.save_dir", "enable": None},
 }
 DATASET_FIELDS = {
     "paths": "paths",
@@ -182,6 +185,7 @@ class _Recipe:
         name, load_weights, config_kwargs = self.model_source(model)
         self.loaded = self.base_for(name)
         self.loaded.source = self.spec
+        self.loaded.filled = []  # NeMo defaults filled in, for one note each
         self.set("model.pretrained_model_name_or_path", name, "model")
         self.set("model.load_weights", load_weights, "model._target_")
         # The YAML's model is its HF config plus its own kwargs: the base preset's shape fields (Llama
@@ -210,7 +214,6 @@ class _Recipe:
             else:
                 supported = ", ".join(["model", "dataset", "validation_dataset", *FIELDS])
                 raise self.error(section, f"section not supported (supported: {supported})")
-        self.loaded.filled = []
         self.step_scheduler_defaults()
         self.scheduler_defaults()
         self.inherit_validation_fields()
@@ -303,6 +306,8 @@ class _Recipe:
         if section == "step_scheduler" and isinstance(node.get("preemption_signal"), (list, int)):
             value = node["preemption_signal"]  # a list or a number in NeMo's YAML; one string here
             node = {**node, "preemption_signal": ",".join(map(str, value if isinstance(value, list) else [value]))}
+        if section == "wandb":
+            node = self.wandb(node)
         if section == "checkpoint":
             fmt = node.get("model_save_format")
             if fmt not in (None, "torch_save", "safetensors"):
@@ -320,6 +325,19 @@ class _Recipe:
                 self.notes.append(f"{section}.{key}")
             else:
                 self.set(fields[key], value, f"{section}.{key}")
+
+    def wandb(self, node: dict) -> dict:
+        """NeMo logs to W&B whenever the YAML has a `wandb` block (project "automodel" if it names
+        none), unless `enable: false`."""
+        if node.get("enable", True) is False:
+            return {}
+        if node.get("enable", True) is not True:
+            raise self.error("wandb.enable", f"{node['enable']!r} is not true or false")
+        node = {k: v for k, v in node.items() if k != "enable"}
+        if not node.get("project"):
+            node["project"] = NEMO_WANDB_PROJECT
+            self.loaded.filled.append(f"NeMo Automodel's default W&B project for a wandb block without one: wandb.project={NEMO_WANDB_PROJECT}")
+        return node
 
     def resume_policy(self, node: dict) -> dict:
         """NeMo's two resume flags. A resumed run here always follows the config's schedule (and logs

@@ -207,6 +207,15 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     w.name = placeholder(str)
     # Directory for W&B's local files; None: W&B's default.
     w.save_dir = placeholder(str)
+    # W&B group of related runs; None: none.
+    w.group = placeholder(str)
+    # W&B tags of the run: a list, or comma-separated.
+    w.tags = ()
+    # W&B notes shown with the run; None: none.
+    w.notes = placeholder(str)
+    # W&B mode: "online", "offline" (sync later with `wandb sync`) or "disabled"; None: W&B's default
+    # (its WANDB_MODE). A resumed run continues the same W&B run: its id is kept in the run directory.
+    w.mode = placeholder(str)
 
     c.eval = ml_collections.ConfigDict()
     e = c.eval

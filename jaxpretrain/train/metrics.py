@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import secrets
 import time
 
 import jax
@@ -99,9 +100,11 @@ class MetricSinks:
                 import wandb
             except ImportError:
                 raise UserError("wandb.project: set but the wandb package is not installed (pip install wandb)") from None
+            named = dict(entity=wandb_cfg.entity, name=wandb_cfg.name, dir=wandb_cfg.save_dir, group=wandb_cfg.group,
+                         tags=list(wandb_cfg.tags) or None, notes=wandb_cfg.notes, mode=wandb_cfg.mode)
             self._wandb = wandb.init(
-                project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
-                dir=wandb_cfg.save_dir, config=config_dict, resume="allow",
+                project=wandb_cfg.project, **{k: v for k, v in named.items() if v is not None}, config=config_dict,
+                id=_wandb_run_id(run_dir, bool(resume_step)), resume="allow",  # a resumed run goes on in the same W&B run
             )
 
     def log(self, kind: str, step: int, metrics: dict, *, remote: bool = True) -> None:
@@ -128,6 +131,22 @@ class MetricSinks:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _wandb_run_id(run_dir: str, resuming: bool) -> str:
+    """The W&B run id of this run directory: made when a run starts afresh, read back on each resume."""
+    path = os.path.join(run_dir, "wandb_run_id")
+    if resuming:
+        try:
+            with open(path) as f:
+                run_id = f.read().strip()
+            if run_id:
+                return run_id
+        except FileNotFoundError:
+            pass  # W&B was off before: a new W&B run
+    run_id = secrets.token_hex(4)  # W&B's ids: short, [a-z0-9]
+    save_atomic(path, lambda f: f.write(run_id.encode() + b"\n"))
+    return run_id
 
 
 def _keep_records_up_to(path: str, step: int | None) -> None:

@@ -44,10 +44,16 @@ def check_checkpoint_dir(checkpoint) -> None:
         raise UserError(f"checkpoint.checkpoint_dir: {checkpoint.checkpoint_dir} is not writable ({target})")
 
 
+WANDB_MODES = ("online", "offline", "disabled", "shared")  # wandb.init's
+
+
 def check_wandb(wandb_cfg) -> None:
     """W&B is optional: a set `wandb.project` without the package is found now, not after the compile."""
     import importlib.util
 
+    mode = wandb_cfg.get("mode")
+    if mode is not None and mode not in WANDB_MODES:
+        raise UserError(f"wandb.mode: {mode!r} is not one of {', '.join(WANDB_MODES)}")
     if wandb_cfg.get("project") and importlib.util.find_spec("wandb") is None:
         raise UserError(f"wandb.project: {wandb_cfg.project!r} is set but the wandb package is not installed (pip install wandb)")
 
