@@ -59,6 +59,11 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
         exit_now(130)
+    except BrokenPipeError:
+        # The reader went away (`... --help | head`): nothing left to tell it, and no traceback.
+        # stdout is pointed at /dev/null so the interpreter's own final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        exit_now(141)  # a shell's status for a process killed by SIGPIPE
     exit_now(code or 0)
 
 

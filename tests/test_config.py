@@ -273,6 +273,30 @@ def test_every_cli_answers_help_fast():
         assert r.returncode == 0 and "usage:" in r.stdout, (module, r.stdout[-500:], r.stderr[-2000:])
 
 
+def test_the_jaxpretrain_command_runs_every_cli_by_name():
+    """`python -m jaxpretrain COMMAND` (the `jaxpretrain` console script) is each CLI: its help is
+    the module's own, word for word."""
+    from jaxpretrain.__main__ import COMMANDS
+
+    def run(*args, stdout=subprocess.PIPE):
+        return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=60)
+
+    listing = run("jaxpretrain", "--help")
+    assert listing.returncode == 0 and all(f"  {name} " in listing.stdout for name in COMMANDS), listing.stdout
+    for name, (module, _) in COMMANDS.items():
+        ours, theirs = run("jaxpretrain", name, "--help"), run(module.removesuffix(".__main__"), "--help")
+        assert (ours.returncode, ours.stdout) == (0, theirs.stdout) and "usage:" in ours.stdout, (name, ours.stderr[-2000:])
+    wrong = run("jaxpretrain", "trian")
+    assert wrong.returncode == 2 and wrong.stderr.startswith("error: trian: unknown command (commands: train, ")
+    assert len(wrong.stderr.splitlines()) == 1
+    # A reader that went away (`jaxpretrain train --help | head -1`): status 141, no traceback.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    gone = run("jaxpretrain", "train", "--help", stdout=write_end)
+    os.close(write_end)
+    assert (gone.returncode, gone.stderr) == (141, "")
+
+
 def test_a_llama_recipe_yaml_takes_its_shape_from_its_hf_config(tmp_path):
     """A recipe YAML naming an HF config: the family's default preset (Llama 1B) gives the other
     sections, but its shape fields do not override that config; the YAML's own kwargs do."""
