@@ -104,6 +104,8 @@ def test_json_list_and_dict_on_the_command_line_train(corpus, tmp_path):
         (["--config.step_scheduler.num_epochs=0"], "step_scheduler.num_epochs: must be a positive number of passes over the train split, got 0"),
         (["--config.step_scheduler.log_remote_every_steps=0"], "step_scheduler.log_remote_every_steps: must be a positive number of steps, got 0"),
         (["--config.wandb.mode=cloud"], "wandb.mode: 'cloud' is not one of online, offline, disabled, shared"),
+        (["--config.checkpoint.enabled=false", "--config.checkpoint.restore_from=runs/a/checkpoints/6"],
+         "checkpoint.restore_from: runs/a/checkpoints/6 is set but checkpoint.enabled is false"),
         (["--config.step_scheduler.ckpt_every_steps=0"], "step_scheduler.ckpt_every_steps: must be a positive number of steps, got 0"),
         (["--config.step_scheduler.val_every_steps=-5"], "step_scheduler.val_every_steps: must be a number of steps (0: never"),
         (["--config.step_scheduler.preemption_signal=SIGTERM,USR3"], "step_scheduler.preemption_signal: 'USR3' is not a signal"),

@@ -237,6 +237,53 @@ def test_sigterm_then_resume_gives_identical_losses(baseline_run, corpus, tmp_pa
     assert got == expected
 
 
+def test_restore_from_another_runs_checkpoint_goes_on_as_that_run_did(baseline_run, corpus, tmp_path):
+    """checkpoint.restore_from (NeMo's key) = the baseline's step 6: a new checkpoint_dir's run starts
+    there and its steps 7-12 are the baseline's, bit for bit (weights, optimizer, data position and
+    dropout all restored). Rerun, its own checkpoints win over restore_from."""
+    base_ckpt, _ = baseline_run
+    expected = train_losses(base_ckpt)
+    ckpt = str(tmp_path / "ckpt")
+    flags = as_flags(tiny_overrides(corpus, ckpt, **{"checkpoint.restore_from": os.path.join(base_ckpt, "6")}))
+    r = python("-m", "jaxpretrain.train", *flags)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"Restored from {os.path.join(base_ckpt, '6')} at step 6 (checkpoint.restore_from); saving to {ckpt}" in r.stdout
+    assert train_losses(ckpt) == {step: loss for step, loss in expected.items() if step > 6}
+    assert sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) == [12]  # saves go to its own directory
+    assert sorted(int(d) for d in os.listdir(base_ckpt) if d.isdigit()) == [6, 12]  # the source is untouched
+    again = python("-m", "jaxpretrain.train", *flags)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"checkpoint.restore_from={os.path.join(base_ckpt, '6')} not used: {ckpt} holds this run's own checkpoints " \
+           "(newest step 12)" in again.stdout
+
+
+def test_restore_from_names_a_checkpoint_or_says_why_not(baseline_run, tmp_path):
+    import ml_collections
+
+    from jaxpretrain.errors import UserError
+    from jaxpretrain.train.restore_from import ResumeFrom, resume_from
+
+    base_ckpt, _ = baseline_run
+    fresh = str(tmp_path / "fresh")
+
+    def section(checkpoint_dir, restore_from):
+        return ml_collections.ConfigDict({"checkpoint_dir": checkpoint_dir, "restore_from": restore_from})
+
+    assert resume_from(section(fresh, None)) is None
+    assert resume_from(section(base_ckpt, "latest")) == ResumeFrom(base_ckpt, 12, True)
+    assert resume_from(section(fresh, base_ckpt)) == ResumeFrom(base_ckpt, 12, False)  # a checkpoint_dir: its newest
+    assert resume_from(section(fresh, os.path.join(base_ckpt, "6"))) == ResumeFrom(base_ckpt, 6, False)
+    assert resume_from(section(base_ckpt, "12")) == ResumeFrom(base_ckpt, 12, True)  # NeMo: a name inside checkpoint_dir
+    with pytest.raises(UserError, match=r"checkpoint.restore_from: '6' is step 6 of checkpoint_dir .*, which holds newer "
+                                        r"checkpoints \(12\) that a rerun would resume from"):
+        resume_from(section(base_ckpt, "6"))
+    with pytest.raises(UserError, match=r"checkpoint.restore_from: .*/nowhere: no such checkpoint directory"):
+        resume_from(section(fresh, str(tmp_path / "nowhere")))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(UserError, match=r"checkpoint.restore_from: .*/empty: holds no complete checkpoint"):
+        resume_from(section(fresh, str(tmp_path / "empty")))
+
+
 MESH_SCRIPT = textwrap.dedent(
     """
     import json, os, sys

@@ -91,6 +91,7 @@ FIELDS = {
         "max_recent_checkpoints": "checkpoint.max_to_keep",
         "model_save_format": None,
         "is_async": "checkpoint.async_save",
+        "restore_from": "checkpoint.restore_from",
     },
     "distributed": {
         "dp_size": "distributed.dp_size",

@@ -128,6 +128,11 @@ def recipe_sections(model: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     k.async_save = True
     # Also write a Hugging Face directory (config.json, model.safetensors, tokenizer) per checkpoint.
     k.save_consolidated = False
+    # NeMo's restore_from: the checkpoint a run with no checkpoint of its own starts from (another
+    # run's step directory, or a checkpoint_dir for its newest); its own checkpoint_dir's always win,
+    # so a preempted run resumes from its progress. A step of checkpoint_dir must be its newest.
+    # None or LATEST: checkpoint_dir's newest.
+    k.restore_from = placeholder(str)
 
     c.distributed = ml_collections.ConfigDict()
     p = c.distributed

@@ -27,7 +27,11 @@ def check_dtype(model) -> None:
 def check_checkpoint_dir(checkpoint) -> None:
     """checkpoint.checkpoint_dir must be a directory or creatable as one: found now, not at the first
     save after the compile (or, for a file, inside Orbax)."""
+    restore = checkpoint.get("restore_from")
     if not checkpoint.enabled:
+        if restore is not None and str(restore).strip().upper() not in ("", "LATEST"):
+            raise UserError(f"checkpoint.restore_from: {restore} is set but checkpoint.enabled is false (a run restores and "
+                            "saves checkpoints only with checkpoints on)")
         return
     path = os.path.abspath(str(checkpoint.checkpoint_dir))
     if os.path.exists(path):

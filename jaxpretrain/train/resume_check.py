@@ -4,26 +4,26 @@ position can continue with."""
 
 from __future__ import annotations
 
-import os
 
 from flax import nnx
 
 import jaxpretrain.model as M
 from jaxpretrain.errors import UserError
 from jaxpretrain.train.checkpoint import TrainCheckpointer
+from jaxpretrain.train.restore_from import ResumeFrom
 
 
-def check_resumable(cfg, hf_config) -> None:
-    """A checkpoint in checkpoint_dir must hold the model this config builds: name the first field
-    that differs (from the checkpoint's own record of its config) instead of failing inside Orbax."""
-    directory = cfg.checkpoint.checkpoint_dir
-    if not os.path.isdir(directory):
+def check_resumable(cfg, hf_config, source: ResumeFrom | None) -> None:
+    """The checkpoint to resume (train/restore_from.py) must hold the model this config builds: name
+    the first field that differs (from the checkpoint's own record of its config) instead of failing
+    inside Orbax."""
+    if source is None:
         return
+    directory, latest = source.directory, source.step
+    hint = (f"resume needs the same model; for a new run use another checkpoint.checkpoint_dir (not {directory})" if source.own
+            else "checkpoint.restore_from needs a checkpoint of the same model")
     ckpt = TrainCheckpointer(directory, read_only=True)
     try:
-        latest = ckpt.latest_step()
-        if latest is None:
-            return
         meta = ckpt.restore_meta(latest)
         positions = list(ckpt.loader_positions(latest).values())
     finally:
@@ -34,7 +34,6 @@ def check_resumable(cfg, hf_config) -> None:
     theirs_shapes = _param_shapes(theirs, int(meta["config"]["model"].get("vocab_multiple", 1)))
     if ours_shapes == theirs_shapes:
         return
-    hint = f"resume needs the same model; for a new run use another checkpoint.checkpoint_dir (not {directory})"
     mine, saved = hf_config.to_dict(), theirs.to_dict()
     if M.family_of(hf_config) is not M.family_of(theirs):
         raise UserError(f"model: the checkpoint at {directory}/{latest} is a {saved.get('model_type')} model, this config a {mine.get('model_type')}; {hint}")

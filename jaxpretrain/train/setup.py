@@ -27,6 +27,7 @@ from jaxpretrain.train import cadence, memory, precheck
 from jaxpretrain.train import schedule as schedule_lib
 from jaxpretrain.train.checkpoint import TrainCheckpointer
 from jaxpretrain.train.optim import build_optimizer
+from jaxpretrain.train.restore_from import resume_from
 from jaxpretrain.train.resume_check import check_resumable, saved_global_batch
 from jaxpretrain.train.step import make_eval_step, make_train_step
 
@@ -314,8 +315,8 @@ def setup(cfg, source: str | None = None) -> Run:
     tokenizer = check_tokenizers(cfg)
     hf_config = model_config(cfg, special_token_ids(cfg.dataset.get("tokenizer"), tokenizer))
     loss_chunk_size(cfg)
-    if cfg.checkpoint.enabled:
-        check_resumable(cfg, hf_config)
+    resume = resume_from(cfg.checkpoint) if cfg.checkpoint.enabled else None  # which checkpoint, if any
+    check_resumable(cfg, hf_config, resume)
     hellaswag_items = None
     if cfg.eval.hellaswag_path:
         from jaxpretrain.evaluation import hellaswag
@@ -330,16 +331,21 @@ def setup(cfg, source: str | None = None) -> Run:
         ckpt = TrainCheckpointer(
             cfg.checkpoint.checkpoint_dir, max_to_keep=int(cfg.checkpoint.max_to_keep), async_save=bool(cfg.checkpoint.async_save)
         )
-        latest = ckpt.latest_step()
-        if latest is not None:
-            meta = ckpt.restore_meta(latest)
+        if resume is not None:
+            # restore_from's checkpoint is read through its own (read-only) manager; saves go to ckpt's.
+            src = ckpt if resume.own else TrainCheckpointer(resume.directory, read_only=True)
+            latest = resume.step
+            meta = src.restore_meta(latest)
             saved_batch, batch = saved_global_batch(meta), int(cfg.step_scheduler.global_batch_size)
             ratio = (saved_batch, batch) if saved_batch not in (None, batch) else None
-            restored = ckpt.restore(latest, params=state["params"], opt_state=state["opt_state"], data_iterator=data_iter,
-                                    batch_ratio=ratio)
+            restored = src.restore(latest, params=state["params"], opt_state=state["opt_state"], data_iterator=data_iter,
+                                   batch_ratio=ratio)
             state = {"params": restored["params"], "opt_state": restored["opt_state"]}
             start_step = latest
-            log.info(ckpt.resume_message(latest))
+            log.info(src.resume_message(latest) if resume.own else
+                     f"Restored from {src.step_dir(latest)} at step {latest} (checkpoint.restore_from); saving to {ckpt.directory}")
+            if not resume.own:
+                src.close()
             if ratio:
                 log.info("Global batch %d -> %d since the checkpoint: the data continues at sample %d, as Megatron's sampler "
                          "continues from its consumed samples", saved_batch, batch, data_iter.get_state()["next_index"] * batch)
