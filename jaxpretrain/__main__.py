@@ -15,7 +15,7 @@ COMMANDS = {
     "train": ("jaxpretrain.train.__main__", "pretrain from Megatron .bin/.idx files (a Python config or NeMo's recipe YAML)"),
     "preprocess": ("jaxpretrain.preprocess", "JSONL/parquet -> Megatron .bin/.idx (megatron-core's preprocess_data.py flags)"),
     "export": ("jaxpretrain.export", "a training checkpoint -> a Hugging Face directory (safetensors)"),
-    "eval": ("jaxpretrain.eval", "HellaSwag accuracy of a checkpoint or HF directory"),
+    "eval": ("jaxpretrain.eval", "HellaSwag accuracy or validation loss of a checkpoint or HF directory"),
     "generate": ("jaxpretrain.generate", "sample a continuation with a KV cache"),
     "bench": ("jaxpretrain.bench", "compile time, tokens/s, MFU and memory of the real train step"),
     "plot": ("jaxpretrain.plot", "loss curves of runs (train.jsonl / validation.jsonl) as a PNG"),

@@ -198,6 +198,32 @@ def test_export_scores_validation_at_the_logged_loss(baseline_run, corpus, tmp_p
     assert abs(loss - logged) < 2e-4, (loss, logged)
 
 
+EVAL_LINE = re.compile(r"validation loss (\d+\.\d{4}) \| ppl \S+ \| (\d+) samples x (\d+) tokens \| num_label_tokens (\d+)")
+
+
+def test_eval_loss_gives_the_validation_loss_the_run_logged(baseline_run, corpus, tmp_path):
+    """`eval loss --checkpoint-dir` (the run's own validation data by default) and `eval loss --model`
+    of the exported HF directory (the data given as flags) both give the logged `[val]` losses."""
+    ckpt, _ = baseline_run
+    with open(os.path.join(ckpt, "logs", "validation.jsonl")) as f:
+        logged = {r["step"]: r["val_loss"] for r in map(json.loads, f)}
+    for step in (6, STEPS):
+        r = python("-m", "jaxpretrain", "eval", "loss", "--checkpoint-dir", ckpt, "--step", str(step))
+        assert r.returncode == 0, r.stderr[-3000:]
+        m = EVAL_LINE.search(r.stdout)
+        assert m and (int(m.group(2)), int(m.group(3)), int(m.group(4))) == (VAL_SAMPLES, SEQ, VAL_SAMPLES * SEQ), r.stdout
+        assert abs(float(m.group(1)) - logged[step]) < 1e-4, (step, m.group(1), logged[step])
+    hf_dir = str(tmp_path / "hf")
+    assert python("-m", "jaxpretrain.export", "--checkpoint-dir", ckpt, "--step", "6", "--output", hf_dir).returncode == 0
+    r = python("-m", "jaxpretrain.eval", "loss", "--model", hf_dir, "--data", corpus.glob, "--split", "0.9, 0.1, 0.0",
+               "--seed", str(DATA_SEED), "--seq-length", str(SEQ), "--num-samples", str(VAL_SAMPLES), "--batch-size", "5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = EVAL_LINE.search(r.stdout)
+    assert m and abs(float(m.group(1)) - logged[6]) < 1e-4, (r.stdout, logged[6])  # batches of 5: the last one padded
+    r = python("-m", "jaxpretrain.eval", "loss", "--model", hf_dir)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --data: needed with --model")
+
+
 def test_sigterm_then_resume_gives_identical_losses(baseline_run, corpus, tmp_path):
     base_ckpt, _ = baseline_run
     expected = train_losses(base_ckpt)
